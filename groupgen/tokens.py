@@ -1,0 +1,143 @@
+"""The token store: a dataset's codes in one memory-mapped array, written in resumable chunks.
+
+    DIR/codes.npy     [N, V, L, G]   smallest unsigned dtype that holds max(K)   (np.load mmap_mode="r")
+    DIR/labels.npy    [N] int64
+    DIR/header.json   layout, N, V, dtype, classes, tokenizer checkpoint + hash, views, complete flag
+    DIR/done/<chunk>  one empty marker per finished chunk (so an interrupted encode resumes)
+
+The header is validated against the arrays whenever a store is opened.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+from .layout import LayoutError, TokenLayout
+
+
+class TokenStoreError(ValueError):
+    pass
+
+
+class TokenStoreWriter:
+    """Create (or reopen, to resume) a token store and fill it chunk by chunk."""
+
+    def __init__(self, root: str | Path, layout: TokenLayout, n: int, views: int, num_classes: int,
+                 chunk_size: int = 1024, meta: dict | None = None, class_names: list[str] | None = None):
+        self.root = Path(root)
+        self.layout, self.n, self.views, self.chunk_size = layout, n, views, chunk_size
+        self.dtype = layout.code_dtype()
+        header = {
+            "format": "groupgen-token-store-v1", "layout": layout.to_dict(), "N": n, "V": views,
+            "dtype": self.dtype.name, "num_classes": num_classes, "class_names": class_names or [],
+            "chunk_size": chunk_size, "complete": False, **(meta or {}),
+        }
+        hfile = self.root / "header.json"
+        if hfile.is_file():
+            old = json.loads(hfile.read_text())
+            same = {k: old.get(k) for k in header if k != "complete"} == {k: v for k, v in header.items() if k != "complete"}
+            if not same:
+                raise TokenStoreError(f"{self.root}: an existing token store with a different header is in the "
+                                      f"way; remove it or write elsewhere")
+            self.header = old
+            self.codes = np.load(self.root / "codes.npy", mmap_mode="r+")
+            self.labels = np.load(self.root / "labels.npy", mmap_mode="r+")
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "done").mkdir(exist_ok=True)
+            self.codes = np.lib.format.open_memmap(self.root / "codes.npy", mode="w+", dtype=self.dtype,
+                                                   shape=(n, views, layout.L, layout.G))
+            self.labels = np.lib.format.open_memmap(self.root / "labels.npy", mode="w+", dtype=np.int64,
+                                                    shape=(n,))
+            self.header = header
+            atomic_write_text(hfile, json.dumps(header, indent=1))
+
+    @property
+    def num_chunks(self) -> int:
+        return (self.n + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_range(self, ci: int) -> tuple[int, int]:
+        return ci * self.chunk_size, min(self.n, (ci + 1) * self.chunk_size)
+
+    def is_done(self, ci: int) -> bool:
+        return (self.root / "done" / f"{ci:06d}").exists()
+
+    def pending_chunks(self, rank: int = 0, world: int = 1) -> list[int]:
+        return [c for c in range(rank, self.num_chunks, world) if not self.is_done(c)]
+
+    def write_chunk(self, ci: int, codes: np.ndarray, labels: np.ndarray) -> None:
+        a, b = self.chunk_range(ci)
+        want = (b - a, self.views, self.layout.L, self.layout.G)
+        if tuple(codes.shape) != want:
+            raise TokenStoreError(f"chunk {ci}: codes shape {list(codes.shape)}, expected {list(want)}")
+        self.layout.check_codes(codes, what=f"chunk {ci}")
+        self.codes[a:b] = codes.astype(self.dtype)
+        self.labels[a:b] = labels.astype(np.int64)
+        self.codes.flush()
+        self.labels.flush()
+        (self.root / "done" / f"{ci:06d}").touch()  # marker only after the data is flushed
+
+    def finalize(self) -> None:
+        missing = [c for c in range(self.num_chunks) if not self.is_done(c)]
+        if missing:
+            raise TokenStoreError(f"{self.root}: chunks {missing[:5]}... not written yet")
+        self.header["complete"] = True
+        atomic_write_text(self.root / "header.json", json.dumps(self.header, indent=1))
+
+
+class TokenStore:
+    """Read-only view of a finished token store; validates header against arrays on open."""
+
+    def __init__(self, root: str | Path, require_complete: bool = True):
+        self.root = Path(root)
+        hfile = self.root / "header.json"
+        if not hfile.is_file():
+            raise TokenStoreError(f"{self.root}: not a token store (no header.json)")
+        try:
+            self.header = json.loads(hfile.read_text())
+        except json.JSONDecodeError as e:
+            raise TokenStoreError(f"{hfile}: invalid JSON ({e})") from None
+        for key in ("layout", "N", "V", "dtype", "num_classes"):
+            if key not in self.header:
+                raise TokenStoreError(f"{hfile}: missing key {key!r}")
+        if require_complete and not self.header.get("complete"):
+            raise TokenStoreError(f"{self.root}: token store is incomplete (encoding was interrupted); "
+                                  f"re-run the encode command to resume it")
+        try:
+            self.layout = TokenLayout.from_dict(self.header["layout"])
+        except (LayoutError, TypeError) as e:
+            raise TokenStoreError(f"{hfile}: bad layout: {e}") from None
+        self.codes = np.load(self.root / "codes.npy", mmap_mode="r", allow_pickle=False)
+        self.labels = np.load(self.root / "labels.npy", mmap_mode="r", allow_pickle=False)
+        n, v = int(self.header["N"]), int(self.header["V"])
+        want = (n, v, self.layout.L, self.layout.G)
+        if tuple(self.codes.shape) != want:
+            raise TokenStoreError(f"{self.root}/codes.npy: shape {list(self.codes.shape)} does not match header "
+                                  f"{list(want)}")
+        if self.codes.dtype.name != self.header["dtype"]:
+            raise TokenStoreError(f"{self.root}/codes.npy: dtype {self.codes.dtype} vs header {self.header['dtype']}")
+        if tuple(self.labels.shape) != (n,) or self.labels.dtype != np.int64:
+            raise TokenStoreError(f"{self.root}/labels.npy: expected int64 [{n}], got {self.labels.dtype} "
+                                  f"{list(self.labels.shape)}")
+        if n and (self.labels.min() < 0 or self.labels.max() >= self.header["num_classes"]):
+            raise TokenStoreError(f"{self.root}/labels.npy: labels outside [0, {self.header['num_classes']})")
+        # a max over the whole array is one pass over memory-mapped uint8/16: cheap next to training.
+        if n:
+            hi = self.codes.reshape(-1, self.layout.G).max(0)
+            for g, k in enumerate(self.layout.K):
+                if hi[g] >= k:
+                    raise TokenStoreError(f"{self.root}/codes.npy: group {g} holds index {int(hi[g])} >= K={k}")
+
+    def __len__(self) -> int:
+        return int(self.header["N"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.header["num_classes"])
+
+    @property
+    def views(self) -> int:
+        return int(self.header["V"])
