@@ -1,0 +1,35 @@
+"""Exponential moving average of model weights, kept in fp32 on rank 0 (exported as ``ema.safetensors``)."""
+from __future__ import annotations
+
+import torch
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * param`` over the floating-point entries of a state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor], decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in state.items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        """``params``: name -> current tensor (same names as the state dict the EMA was built from)."""
+        keys = [k for k in self.shadow if k in params]
+        if len(keys) != len(self.shadow):
+            missing = sorted(set(self.shadow) - set(params))[:5]
+            raise KeyError(f"EMA update is missing parameters {missing}")
+        src = [params[k].detach().float() for k in keys]
+        # lerp(shadow, p, 1 - decay) == decay * shadow + (1 - decay) * p, one fused op per tensor list.
+        torch._foreach_lerp_([self.shadow[k] for k in keys], src, 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        if set(sd) != set(self.shadow):
+            diff = sorted(set(sd) ^ set(self.shadow))[:5]
+            raise KeyError(f"EMA state does not match the model: differing keys {diff}")
+        for k, v in sd.items():
+            self.shadow[k].copy_(v.float())

@@ -1,0 +1,173 @@
+"""Llama building blocks shared by the GPT trunk and the sub-token head.
+
+Pre-norm RMSNorm (fp32 inside), fused-qkv attention with optional GQA and rotary embeddings
+(interleaved pairs, as LlamaGen), SwiGLU with the gate and up projections fused in one matmul.
+Two attention paths: ``forward`` over a whole causal sequence (SDPA ``is_causal``), and ``step``
+that writes one token into a preallocated cache and attends to the filled prefix only (no mask).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def ffn_hidden(dim: int, ffn_mult: float, multiple_of: int) -> int:
+    """LlamaGen's SwiGLU width: round_up(int(ffn_mult * int(8 * dim / 3)), multiple_of)."""
+    h = int(ffn_mult * int(2 * 4 * dim / 3))
+    return multiple_of * math.ceil(h / multiple_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary tables. A table has one row per sequence index and head_dim/2 columns (one per pair).
+
+
+def rope_angles_1d(n: int, head_dim: int, base: float) -> torch.Tensor:
+    """Angles [n, head_dim/2] for positions 0..n-1 (built on the CPU even under a meta device)."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    return torch.outer(torch.arange(n, dtype=torch.float64, device="cpu"), freqs)
+
+
+def rope_angles_2d(h: int, w: int, head_dim: int, base: float) -> torch.Tensor:
+    """Angles [h*w, head_dim/2] in raster order: the first half of the pairs rotate with the row,
+    the second half with the column (same frequencies in both halves, as LlamaGen)."""
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
+    half = head_dim // 2
+    freqs = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.float64, device="cpu")[: half // 2] / half))
+    rows = torch.arange(h, dtype=torch.float64, device="cpu").repeat_interleave(w)   # raster: p -> (p // w, p % w)
+    cols = torch.arange(w, dtype=torch.float64, device="cpu").repeat(h)
+    return torch.cat([torch.outer(rows, freqs), torch.outer(cols, freqs)], dim=1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, T, H, D] by tables ``cos``/``sin`` [T, D/2]."""
+    x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c = cos.to(x.dtype)[:, None, :]
+    s = sin.to(x.dtype)[:, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a faster CPU path. CPU ``bernoulli_`` costs ~40 ns per element (more than
+    a bf16 GPT-B layer's matmuls spend per element of activation), so on the CPU the keep mask is
+    built from 64-bit draws of the global generator cut into four 15-bit uniforms with integer ops
+    only (p is rounded to a multiple of 1/32768). Other devices use F.dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        if not self.training or p <= 0.0 or x.device.type != "cpu" or p >= 1.0 or not x.is_floating_point():
+            return F.dropout(x, p, self.training)
+        n = x.numel()
+        r = torch.empty((n + 3) // 4, dtype=torch.int64).random_().view(torch.int16)[:n].view(x.shape)
+        # (u - thr) >> 15 is -1 where u < thr, else 0: +1 gives the keep mask without bool tensors
+        # (bool -> float conversions are not vectorised on the CPU).
+        keep = r.bitwise_and_(0x7FFF).sub_(min(round(p * 32768), 32767)).bitwise_right_shift_(15).add_(1)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 inside: bf16 mean-of-squares loses too much precision.
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, attn_dropout: float = 0.0):
+        super().__init__()
+        assert dim % n_head == 0 and n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = dim // n_head
+        self.attn_dropout = attn_dropout
+        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        # SDPA's GQA flag only when needed (it may select a slower kernel).
+        self._sdpa_kw = {"enable_gqa": True} if n_kv_head != n_head else {}
+
+    def _qkv(self, x, cos, sin):
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], -1)
+        q = q.view(B, T, self.n_head, hd)
+        k = k.view(B, T, self.n_kv_head, hd)
+        v = v.view(B, T, self.n_kv_head, hd)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _out(self, o: torch.Tensor) -> torch.Tensor:
+        B, _, T, _ = o.shape
+        return self.wo(o.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def forward(self, x, cos=None, sin=None):
+        """Causal self-attention over the whole sequence ``x`` [B, T, dim]."""
+        q, k, v = self._qkv(x, cos, sin)
+        p = self.attn_dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p, **self._sdpa_kw)
+        return self._out(o)
+
+    def step(self, x, cos, sin, kc: torch.Tensor, vc: torch.Tensor, idx: int):
+        """One token ``x`` [B, 1, dim] at sequence index ``idx``: write k/v into the caches
+        ``kc``/``vc`` [B, n_kv_head, T_max, head_dim] and attend to indices 0..idx."""
+        q, k, v = self._qkv(x, cos, sin)
+        kc[:, :, idx : idx + 1] = k
+        vc[:, :, idx : idx + 1] = v
+        # The query is the newest token, so the filled prefix needs no mask.
+        o = F.scaled_dot_product_attention(q.to(kc.dtype), kc[:, :, : idx + 1], vc[:, :, : idx + 1],
+                                           **self._sdpa_kw)
+        return self._out(o)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)   # [gate; up] in one matmul
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        a, b = self.w13(x).split(self.hidden, -1)
+        return self.w2(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_head: int, n_kv_head: int, hidden: int, norm_eps: float,
+                 attn_dropout: float = 0.0, resid_dropout: float = 0.0, ffn_dropout: float = 0.0):
+        super().__init__()
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = Attention(dim, n_head, n_kv_head, attn_dropout)
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.feed_forward = FeedForward(dim, hidden)
+        self.resid_dropout = Dropout(resid_dropout)
+        self.ffn_dropout = Dropout(ffn_dropout)
+
+    def forward(self, x, cos=None, sin=None):
+        x = x + self.resid_dropout(self.attention(self.attention_norm(x), cos, sin))
+        return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
+
+    def step(self, x, cos, sin, kc, vc, idx: int):
+        x = x + self.resid_dropout(self.attention.step(self.attention_norm(x), cos, sin, kc, vc, idx))
+        return x + self.ffn_dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """N(0, std) for every linear and embedding weight (biases zero), as LlamaGen."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)

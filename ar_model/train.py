@@ -1,0 +1,551 @@
+"""Stage-2 trainer: a class-conditional GPT on a token store, with DeepSpeed (ZeRO 0-3).
+
+    python -m ar_model.train --config configs/ar/fmnist_tiny.yaml --tokens DIR [--out RUN] [k=v ...]
+    torchrun --nproc_per_node 2 -m ar_model.train --config ... --tokens DIR
+    deepspeed --num_gpus 2 --module ar_model.train --config ... --tokens DIR
+
+From Python (one process, no launcher; callable repeatedly): ``train(cfg, tokens_dir, out_dir)``.
+
+Checkpoint directory (``RUN/checkpoints/step_XXXXXXXX``, written through ``groupgen.checkpoint``):
+  model.safetensors / ema.safetensors  full fp32 weights for inference (``load_ar``)
+  meta.json                            ``ar_meta``: layout, classes, tokenizer + hash, train config
+  state.pt                             step, data position, per-rank RNG (``weights_only`` load)
+  engine/                              DeepSpeed ``save_checkpoint`` (module, optimizer, scheduler;
+                                       ZeRO partitions per rank) - what exact resume reloads
+The ``engine/`` part needs the same ZeRO stage and data-parallel size to resume, and a filesystem
+that every rank sees.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+if __package__ in (None, ""):  # run as a file (e.g. the deepspeed launcher without --module)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+from ar_model.data import TokenBatches, split_indices, val_batches
+from ar_model.ema import EMA
+from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, param_groups
+from groupgen import checkpoint as ckpt
+from groupgen.config import ConfigError, load_config, save_config, to_dict
+from groupgen.runs import MetricsLog, Timer, progress, read_jsonl, seed_everything, set_threads
+from groupgen.tokens import TokenStore
+
+REPO = Path(__file__).resolve().parents[1]
+DS_CONFIG_DIR = REPO / "configs" / "deepspeed"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------------- config
+def _model_section() -> type:
+    """``model:`` = ``preset`` + every GPTConfig field as an optional override (None: preset's value)."""
+    hints = typing.get_type_hints(GPTConfig)
+    fields = [("preset", str, field(default="B"))]
+    fields += [(f.name, typing.Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(GPTConfig)]
+    cls = dataclasses.make_dataclass("ModelSection", fields)
+    cls.__module__ = __name__
+    return cls
+
+
+ModelSection = _model_section()
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 8                    # per rank and micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4                       # LlamaGen: 1e-4 per 256 images of global batch (set it yourself)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0              # cosine ends at lr * min_lr_ratio
+    clip: float = 1.0                      # 0: no clipping
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: int | str = 0              # 0..3 -> configs/deepspeed/zero{N}.json, or a JSON path
+    ema: float = 0.0                       # EMA decay; 0 = off
+    log_every: int = 10
+    eval_every: int = 0                    # 0 = only at the end (when a validation set exists)
+    val_tokens: str = ""                   # held-out token store, or ...
+    val_split: float = 0.0                 # ... this fraction of the training store held out
+    eval_batches: int = 0                  # cap on validation batches per rank; 0 = all
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    seed: int = 0
+    threads: int = 0                       # intra-op threads per rank; 0 = OMP_NUM_THREADS or all cores
+    resume: str = "auto"                   # auto: RUN/checkpoints/latest if any; never; or a checkpoint path
+    stop_at: int = 0                       # stop (with a checkpoint) after this step, as if preempted; 0 = off
+
+    def validate(self) -> None:
+        def bad(key, msg):
+            raise ConfigError(f"train.{key}: {msg}")
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_steps", "eval_every", "ckpt_every", "keep_last", "eval_batches", "stop_at", "threads"):
+            if getattr(self, key) < 0:
+                bad(key, f"must be >= 0, got {getattr(self, key)}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            bad("ema", f"decay must be in [0, 1), got {self.ema}")
+        if not 0.0 <= self.val_split < 1.0:
+            bad("val_split", f"must be in [0, 1), got {self.val_split}")
+        if self.val_split and self.val_tokens:
+            bad("val_split", "give either val_tokens or val_split, not both")
+        if isinstance(self.zero_stage, int) and self.zero_stage not in (0, 1, 2, 3):
+            bad("zero_stage", f"must be 0..3 or a DeepSpeed JSON path, got {self.zero_stage}")
+
+
+@dataclass
+class ARTrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
+    train: TrainSection = field(default_factory=TrainSection)
+    tokens: str = ""                       # token store (the --tokens argument wins)
+    out: str = ""                          # run directory (the --out argument wins)
+
+
+def resolve_gpt_config(sec) -> GPTConfig:
+    kw = {k: v for k, v in dataclasses.asdict(sec).items() if k != "preset" and v is not None}
+    try:
+        return gpt_config(sec.preset, **kw)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def lr_lambda(tc: TrainSection) -> Callable[[int], float]:
+    """Multiplier of ``lr`` for optimizer step ``s`` (0-based): linear warmup, then constant/cosine."""
+    def f(s: int) -> float:
+        if s < tc.warmup_steps:
+            return (s + 1) / tc.warmup_steps
+        if tc.schedule == "constant":
+            return 1.0
+        t = min(1.0, (s - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
+        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+# ------------------------------------------------------------------------------ distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Env defaults for a plain single process, then ``deepspeed.init_distributed`` (idempotent)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # Without these DeepSpeed tries MPI discovery (mpi4py) and fails.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # read when deepspeed is first imported
+    import deepspeed
+
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local % torch.cuda.device_count())
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    return rank, world, local
+
+
+def _barrier() -> None:
+    torch.distributed.barrier()
+
+
+def _ds_config(tc: TrainSection, world: int, bf16: bool) -> dict:
+    path = DS_CONFIG_DIR / f"zero{tc.zero_stage}.json" if isinstance(tc.zero_stage, int) else Path(tc.zero_stage)
+    if not path.is_file():
+        raise ConfigError(f"train.zero_stage: DeepSpeed config {str(path)!r} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON ({e})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in d:   # a config optimizer JIT-builds fused_adam and bypasses our weight-decay groups
+            raise ConfigError(f"{path}: remove {key!r}; the trainer passes its own AdamW and LR schedule")
+    # The train config owns batch, clipping and precision; the JSON owns ZeRO and comm settings.
+    d.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
+             train_batch_size=tc.batch_size * tc.grad_accum * world, gradient_clipping=float(tc.clip),
+             bf16={"enabled": bf16}, fp16={"enabled": False})
+    d.setdefault("zero_optimization", {"stage": 0})
+    return d
+
+
+class _LossModule(torch.nn.Module):
+    """What the engine wraps: forward = the GPT's training loss (so ZeRO hooks see the whole pass)."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, codes, labels):
+        return self.gpt.loss(codes, labels)
+
+
+def _full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 GPT state dict on rank 0 (ZeRO-3 gathers partitions: every rank must call this)."""
+    gpt = engine.module.gpt
+    ctx = None
+    if stage == 3:
+        import deepspeed
+        ctx = deepspeed.zero.GatheredParameters(list(gpt.parameters()), modifier_rank=None)
+        ctx.__enter__()
+    try:
+        if rank != 0:
+            return None
+        return {k: v.detach().float().cpu().clone() for k, v in gpt.state_dict().items()}
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+def _prune(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    latest = ckpt.latest_checkpoint(root)
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last]:
+        if latest is None or old.name != latest.name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_training_checkpoint(engine, root: Path, step: int, meta: dict, state: dict, stage: int,
+                             rank: int, keep_last: int, ema: EMA | None) -> Path:
+    """Collective: DeepSpeed engine state + our safetensors export, made visible atomically."""
+    name = f"step_{step:08d}"
+    staging = root / f".ds-{name}"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    engine.save_checkpoint(str(staging), tag="engine", save_latest=False)
+    rngs: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+    sd = _full_state(engine, stage, rank)
+    final = root / name
+    if rank == 0:
+        tensors = {"model": sd}
+        if ema is not None:
+            tensors["ema"] = {**sd, **ema.state_dict()}
+        build = ckpt.write_checkpoint_dir(root / f".build-{name}", tensors, dict(meta, step=step),
+                                          dict(state, rng=rngs))
+        os.replace(staging / "engine", build / "engine")
+        shutil.rmtree(staging, ignore_errors=True)
+        if final.exists():   # the same step saved by an earlier, crashed attempt
+            shutil.rmtree(final)
+        os.replace(build, final)
+        ckpt.atomic_write_text(root / "latest", name + "\n")   # only now does resume see it
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _find_resume(tc: TrainSection, root: Path) -> Path | None:
+    if tc.resume in ("never", "none", ""):
+        return None
+    if tc.resume == "auto":
+        return ckpt.latest_checkpoint(root) if root.is_dir() else None
+    return ckpt.resolve_checkpoint(tc.resume)
+
+
+def _check_resume_meta(meta: dict, path: Path, store: TokenStore, gpt_cfg: GPTConfig, world: int, stage: int):
+    from groupgen.layout import TokenLayout
+
+    if meta.get("kind") != "ar":
+        raise ckpt.CheckpointError(f"{path}: meta kind {meta.get('kind')!r}, expected 'ar'")
+    TokenLayout.from_dict(meta["layout"]).check_same(store.layout, f"checkpoint {path}", f"token store {store.root}")
+    if int(meta["num_classes"]) != store.num_classes:
+        raise ckpt.CheckpointError(f"{path}: trained with {meta['num_classes']} classes, token store "
+                                   f"{store.root} has {store.num_classes}")
+    if meta.get("model") != dataclasses.asdict(gpt_cfg):
+        diff = {k: (v, meta.get("model", {}).get(k)) for k, v in dataclasses.asdict(gpt_cfg).items()
+                if meta.get("model", {}).get(k) != v}
+        raise ConfigError(f"model config differs from checkpoint {path} (config vs checkpoint): {diff}")
+    if not (path / "engine").is_dir():
+        raise ckpt.CheckpointError(f"{path}: no DeepSpeed engine state (engine/) to resume from; use it "
+                                   f"for inference or fine-tuning instead")
+    if (meta.get("world_size"), meta.get("zero_stage")) != (world, stage) and stage > 0:
+        raise ckpt.CheckpointError(f"{path}: saved with world_size={meta.get('world_size')} ZeRO-"
+                                   f"{meta.get('zero_stage')}, now world_size={world} ZeRO-{stage}; "
+                                   f"ZeRO partitions only reload at the same data-parallel size and stage")
+
+
+# ---------------------------------------------------------------------------------- training
+class _Stop:
+    """SIGTERM/SIGINT only set a flag; the loop checks it (all ranks agree) and checkpoints."""
+
+    def __init__(self):
+        self.signum = 0
+        self.prev: dict = {}
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.prev[s] = signal.signal(s, self)
+
+    def restore(self):
+        for s, h in self.prev.items():
+            signal.signal(s, h)
+
+
+@torch.no_grad()
+def evaluate(engine, store: TokenStore, indices: np.ndarray, tc: TrainSection, rank: int, world: int,
+             device, bf16: bool) -> tuple[float, list[float]]:
+    """Mean validation CE (and per group) over held-out samples, averaged over all ranks' samples."""
+    gpt = engine.module.gpt
+    was = gpt.training
+    gpt.eval()
+    tot = torch.zeros(1 + store.layout.G, dtype=torch.float64, device=device)
+    n = torch.zeros(1, dtype=torch.float64, device=device)
+    for codes, labels, w in val_batches(store, indices, tc.batch_size, rank, world, tc.eval_batches):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, per = engine(codes.to(device), labels.to(device))
+        tot += torch.cat([loss.detach().reshape(1), per.detach()]).double() * w
+        n += w
+    gpt.train(was)
+    torch.distributed.all_reduce(tot)
+    torch.distributed.all_reduce(n)
+    v = (tot / n.clamp_min(1)).tolist()
+    return v[0], v[1:]
+
+
+def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str | Path | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train (or resume) a GPT; returns final metrics. ``on_step(step, loss)`` runs after every step."""
+    cfg = dataclasses.replace(cfg)
+    cfg.tokens = str(tokens_dir or cfg.tokens)
+    cfg.out = str(out_dir or cfg.out or Path("runs") / "ar" / cfg.model.preset)
+    if not cfg.tokens:
+        raise ConfigError("no token store given (--tokens DIR or tokens: in the config)")
+    tc = cfg.train
+    gpt_cfg = resolve_gpt_config(cfg.model)
+    cfg.model = ModelSection(preset=cfg.model.preset, **dataclasses.asdict(gpt_cfg))   # resolved, for config.yaml
+
+    store = TokenStore(cfg.tokens)
+    layout = store.layout
+    if tc.val_tokens:
+        val_store = TokenStore(tc.val_tokens)
+        layout.check_same(val_store.layout, f"token store {store.root}", f"validation store {val_store.root}")
+        train_idx, val_idx = np.arange(len(store)), np.arange(len(val_store))
+    else:
+        val_store = store
+        train_idx, val_idx = split_indices(len(store), tc.val_split)
+
+    rank, world, _ = init_distributed()
+    import deepspeed
+
+    threads = set_threads(tc.threads or None)
+    run = Path(cfg.out)
+    root = run / "checkpoints"
+    resume_from = _find_resume(tc, root)
+    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and torch.cuda.is_available())
+    ds_cfg = _ds_config(tc, world, bf16)
+    stage = int(ds_cfg["zero_optimization"].get("stage", 0))
+    if tc.ema and stage == 3:
+        raise ConfigError("train.ema is not supported with ZeRO-3 (parameters are partitioned)")
+    if resume_from is not None:   # fail fast, before any engine is built
+        _check_resume_meta(ckpt.load_meta(resume_from), resume_from, store, gpt_cfg, world, stage)
+
+    seed_everything(tc.seed)                     # identical init on every rank
+    gpt = GPT(gpt_cfg, layout, store.num_classes)
+    gpt.check_inputs = False                     # the store validated every code on open; skip the syncs
+    torch.manual_seed(tc.seed * 1_000_003 + 7919 * (rank + 1))   # per-rank dropout / class-drop stream
+    n_params = gpt.num_params()
+    lam = lr_lambda(tc)
+    opt = torch.optim.AdamW(param_groups(gpt, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+    engine, _, _, _ = deepspeed.initialize(
+        model=_LossModule(gpt), optimizer=opt, config=ds_cfg,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
+    device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
+    gpt = engine.module.gpt
+
+    step, pos = 0, 0
+    if resume_from is not None:
+        path, _ = engine.load_checkpoint(str(resume_from), tag="engine", load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise ckpt.CheckpointError(f"{resume_from}/engine: DeepSpeed could not load the engine state")
+        st = ckpt.load_state(resume_from)
+        step, pos = int(st["step"]), int(st["data_pos"])
+        if len(st.get("rng", [])) == world:
+            pass
+    ema = None
+    if tc.ema and rank == 0:
+        ema = EMA(dict(gpt.named_parameters()), tc.ema)
+        if resume_from is not None:
+            sd = ckpt.load_tensors(resume_from, "ema")
+            ema.load_state_dict({k: sd[k] for k in ema.shadow})
+
+    batches = TokenBatches(store, train_idx, tc.batch_size, tc.seed, rank, world)
+    metrics = MetricsLog(run / "metrics.jsonl", enabled=rank == 0)
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        metrics.truncate_after(step)
+    h = store.header
+    meta = ar_meta(gpt_cfg, layout, store.num_classes, class_names=h.get("class_names") or None,
+                   tokenizer=h.get("tokenizer"), tokenizer_hash=h.get("tokenizer_hash"),
+                   train_config=to_dict(cfg), tokens=str(store.root), engine="deepspeed", zero_stage=stage,
+                   world_size=world, precision="bf16" if bf16 else "fp32")
+    uniform = float(np.mean([math.log(k) for k in layout.K]))
+    G = layout.G
+
+    def save(at: int) -> Path:
+        return save_training_checkpoint(engine, root, at, meta, {"step": at, "data_pos": pos, "world_size": world},
+                                        stage, rank, tc.keep_last, ema)
+
+    def run_eval(at: int) -> dict:
+        if len(val_idx) == 0:
+            return {}
+        vl, vg = evaluate(engine, val_store, val_idx, tc, rank, world, device, bf16)
+        row = dict(step=at, val_loss=vl, **{f"val_loss_g{g}": x for g, x in enumerate(vg)}, uniform=uniform)
+        metrics.write(**row)
+        return row
+
+    stop = _Stop()
+    stop.install()
+    last, last_val, last_ckpt = {}, {}, (resume_from if resume_from else None)
+    win = torch.zeros(1 + G, dtype=torch.float64)
+    win_n, timer, tok_time, tok_count = 0, Timer(), 0.0, 0
+    bar = progress(total=tc.steps, initial=step, desc=f"ar {cfg.model.preset}")
+    if rank == 0:
+        print(f"[ar-train] {n_params / 1e6:.2f}M params, layout {layout.describe()}, {len(train_idx)} train / "
+              f"{len(val_idx)} val samples, world {world}, ZeRO-{stage}, {'bf16' if bf16 else 'fp32'}, "
+              f"{threads} threads, start step {step}", file=sys.stderr)
+    start = step
+    try:
+        gpt.train()
+        while step < tc.steps:
+            t0 = timer()
+            lr_now = engine.get_lr()[0]            # the rate this step uses (get_lr after = the next)
+            acc = torch.zeros(1 + G, dtype=torch.float64, device=device)
+            for _ in range(tc.grad_accum):
+                codes, labels = batches.get(pos)
+                pos += 1
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss, per = engine(codes.to(device), labels.to(device))
+                engine.backward(loss)
+                engine.step()
+                acc += torch.cat([loss.detach().reshape(1), per.detach()]).double()
+            if ema is not None:
+                ema.update(dict(gpt.named_parameters()))
+            step += 1
+            # One small all-reduce per step: the rank-mean loss (logging, NaN check) and the stop flag.
+            red = torch.cat([acc / tc.grad_accum, torch.tensor([float(stop.signum > 0)], dtype=torch.float64,
+                                                               device=device)])
+            torch.distributed.all_reduce(red)
+            red = red.cpu()
+            losses, stop_now = red[:-1] / world, red[-1].item() > 0
+            if not torch.isfinite(losses).all():
+                raise TrainingDiverged(f"non-finite loss {losses[0].item()} at step {step}; training stopped, "
+                                       f"last good checkpoint: {last_ckpt or 'none'}")
+            dt = timer() - t0
+            if step > 1 or resume_from is not None:   # the first step pays one-off setup costs
+                tok_time += dt
+                tok_count += tc.batch_size * tc.grad_accum * world * layout.L
+            win += losses
+            win_n += 1
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, losses[0].item())
+            if step % tc.log_every == 0 or step == tc.steps:
+                m = (win / win_n).tolist()
+                gn = engine.get_global_grad_norm()
+                last = dict(step=step, loss=m[0], **{f"loss_g{g}": x for g, x in enumerate(m[1:])},
+                            uniform=uniform, lr=lr_now, **({} if gn is None else {"grad_norm": float(gn)}),
+                            tok_per_s=tok_count / tok_time if tok_time else None,
+                            img_per_s=tok_count / layout.L / tok_time if tok_time else None,
+                            epoch=batches.epoch_of(pos), elapsed_s=timer())
+                metrics.write(**last)
+                bar.set_postfix(loss=f"{m[0]:.4f}")
+                win.zero_()
+                win_n = 0
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                last_val = run_eval(step)
+            stopping = stop_now or (tc.stop_at and step >= tc.stop_at)
+            if step == tc.steps or stopping or (tc.ckpt_every and step % tc.ckpt_every == 0):
+                last_ckpt = save(step)
+            if stopping:
+                break
+        if step >= tc.steps and step > start:   # a finished run that is called again does not re-log
+            last_val = run_eval(step) or last_val
+    finally:
+        bar.close()
+        stop.restore()
+        _release(engine)
+    if not last and rank == 0 and (run / "metrics.jsonl").is_file():   # nothing left to train: report the log's end
+        rows = read_jsonl(run / "metrics.jsonl")
+        last = next((r for r in reversed(rows) if "loss" in r), {})
+        last_val = next((r for r in reversed(rows) if "val_loss" in r), {})
+    out = dict(step=step, loss=last.get("loss"), val_loss=last_val.get("val_loss"), uniform=uniform,
+               tok_per_s=tok_count / tok_time if tok_time else None, checkpoint=str(last_ckpt) if last_ckpt else None,
+               run_dir=str(run), params=n_params, world_size=world, zero_stage=stage,
+               precision="bf16" if bf16 else "fp32", stopped_early=step < tc.steps)
+    if stop.signum == signal.SIGINT:
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint {last_ckpt}")
+    if stop.signum == signal.SIGTERM:
+        raise SystemExit(128 + signal.SIGTERM)
+    return out
+
+
+def _release(engine) -> None:
+    destroy = getattr(engine, "destroy", None)
+    if callable(destroy):
+        destroy()
+    gc.collect()
+
+
+# ---------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML with model:/train: sections (configs/ar/*.yaml)")
+    p.add_argument("--tokens", help="token store directory")
+    p.add_argument("--out", help="run directory (config.yaml, metrics.jsonl, checkpoints/)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.steps=100")
+    a = p.parse_intermixed_args(argv)
+    if a.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
+    try:
+        cfg = load_config(ARTrainConfig, a.config, a.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    res = train(cfg, a.tokens, a.out)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt as e:
+        print(f"[ar-train] {e}", file=sys.stderr)
+        sys.exit(130)

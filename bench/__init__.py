@@ -1,0 +1,1 @@
+"""Benchmarks (see BENCHMARKS.md for commands and results)."""

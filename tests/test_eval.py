@@ -1,0 +1,323 @@
+"""eval/: FID/IS/PR numerics, domain classifier, sample-file validation, weights errors, layout stats."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from eval import fidelity as fd
+from eval.domain import (DomainConfig, DomainExtractor, class_conditional_accuracy, load_or_train, predict,
+                         register_with_torch_fidelity)
+from eval.fidelity import EvalError
+from eval.generation import GenEvalConfig, evaluate_samples
+from eval.generation import main as gen_main
+from eval.layout_stats import LayoutStatsConfig, layout_stats
+from eval.reconstruction import codebook_usage, psnr, ssim
+from groupgen.layout import TokenLayout
+from groupgen.tokens import TokenStore, TokenStoreWriter
+
+TINY = dict(train_limit=2000, test_limit=2000, epochs=1, width=8, hidden=32, batch_size=64, lr=5e-3)
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    m1, m2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+# ------------------------------------------------------------------ FID / IS / PR numerics
+
+def test_fid_matches_scipy_and_self_is_zero():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 16))
+    b = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) * 0.5 + 0.3
+    ours = fd.fid_from_features(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    ref = scipy_fid(a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64))
+    assert ref > 1.0
+    assert abs(ours - ref) <= 1e-6 * max(1.0, abs(ref))
+    self_fid = fd.fid_from_features(torch.from_numpy(a), torch.from_numpy(a))
+    assert abs(self_fid) < 1e-6
+    # statistics computed once and compared against themselves and from a cached-like dict
+    s = fd.fid_stats(torch.from_numpy(b))
+    assert abs(fd.fid_from_stats(s, {"mu": s["mu"].astype(np.float32), "sigma": s["sigma"]})) < 1e-5
+    with pytest.raises(EvalError, match="dimension"):
+        fd.fid_from_stats(s, fd.fid_stats(torch.randn(50, 8)))
+
+
+def test_inception_score_matches_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 5) * 2
+    p = logits.double().softmax(1)
+    q = p.mean(0, keepdim=True)
+    hand = math.exp(float((p * (p.log() - q.log())).sum(1).mean()))
+    m, s = fd.inception_score(logits, splits=1)
+    assert abs(m - hand) < 1e-9 and s == 0.0
+    # confident and uniformly spread over C classes -> IS = C
+    confident = torch.eye(7).repeat(10, 1) * 100
+    assert abs(fd.inception_score(confident, splits=1)[0] - 7.0) < 1e-6
+    assert abs(fd.inception_score(torch.zeros(20, 7), splits=1)[0] - 1.0) < 1e-9
+
+
+def test_precision_recall_sanity():
+    torch.manual_seed(0)
+    a = torch.randn(200, 8)
+    same = fd.precision_recall(a, a.clone(), k=3)
+    assert same["precision"] == 1.0 and same["recall"] == 1.0
+    far = fd.precision_recall(a + 100.0, a, k=3)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    # generated covers only half the real modes: precision high, recall ~half
+    real = torch.cat([torch.randn(200, 2), torch.randn(200, 2) + 50])
+    gen = torch.randn(200, 2)
+    pr = fd.precision_recall(gen, real, k=3)
+    assert pr["precision"] > 0.9 and 0.4 < pr["recall"] < 0.6
+    with pytest.raises(EvalError, match="k=3"):
+        fd.precision_recall(a[:3], a, k=3)
+
+
+# ------------------------------------------------------------------ domain classifier
+
+@pytest.fixture(scope="module")
+def tiny_domain(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    cfg = DomainConfig(**TINY)
+    net, info = load_or_train(cfg, cache)
+    return cfg, cache, net, info
+
+
+def test_domain_classifier_learns_and_class_accuracy_of_real_images(tiny_domain):
+    cfg, cache, net, info = tiny_domain
+    assert info["test_acc"] > 0.5, info  # chance is 0.1
+    from groupgen.data import fmnist_arrays
+
+    x, y = fmnist_arrays("test")
+    x, y = x[: cfg.test_limit], y[: cfg.test_limit]
+    u8 = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)  # "pad" 28 -> 32, RGB
+    ext = DomainExtractor(cfg, cache=cache)  # cached: loads, does not retrain
+    assert ext.info["path"] == info["path"]
+    feats, logits = fd.extract(ext, u8, 1000)
+    assert feats.shape == (len(x), cfg.hidden) and logits.shape == (len(x), 10)
+    assert abs(class_conditional_accuracy(logits, y) - info["test_acc"]) < 1e-3
+    # grey 1-channel input at another size is accepted (resized to the classifier's 32)
+    f2, _ = ext(torch.from_numpy(x[:4, None].copy()))
+    assert f2.shape == (4, cfg.hidden)
+    with pytest.raises(EvalError, match="labels"):
+        class_conditional_accuracy(logits[:5], np.array([0, 1, 2, 3, 10]))
+
+
+def test_domain_extractor_registered_with_torch_fidelity_gives_same_fid(tiny_domain):
+    import torch_fidelity
+
+    cfg, cache, net, info = tiny_domain
+    register_with_torch_fidelity()
+    from groupgen.data import fmnist_arrays
+
+    x, _ = fmnist_arrays("test")
+    a = np.repeat(x[:150, None], 3, axis=1)
+    b = np.repeat(x[150:300, None], 3, axis=1)
+
+    class DS(torch.utils.data.Dataset):
+        def __init__(self, arr):
+            self.arr = torch.from_numpy(arr)
+
+        def __len__(self):
+            return len(self.arr)
+
+        def __getitem__(self, i):
+            return self.arr[i]
+
+    m = torch_fidelity.calculate_metrics(input1=DS(a), input2=DS(b), fid=True, isc=True, cuda=False,
+                                         feature_extractor="groupgen-domain", batch_size=50, cache=False, save_cpu_ram=True,
+                                         feature_extractor_weights_path=info["path"], verbose=False)
+    ext = DomainExtractor(cfg, cache=cache)
+    fa, la = fd.extract(ext, a.transpose(0, 2, 3, 1), 50)
+    fb, _ = fd.extract(ext, b.transpose(0, 2, 3, 1), 50)
+    assert abs(m["frechet_inception_distance"] - fd.fid_from_features(fa, fb)) < 1e-4
+    assert abs(m["inception_score_mean"] - fd.inception_score(la)[0]) < 1e-4
+
+
+def test_generation_eval_end_to_end_with_domain_extractor(tiny_domain, tmp_path, capsys):
+    cfg, cache, net, info = tiny_domain
+    from groupgen.data import fmnist_arrays
+
+    x, y = fmnist_arrays("train")
+    real = np.repeat(np.pad(x[:300], ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
+    fd.save_samples_npz(tmp_path / "real.npz", real, y[:300])
+    noise = np.random.default_rng(0).integers(0, 256, real.shape, dtype=np.uint8)
+    fd.save_samples_npz(tmp_path / "noise.npz", noise)
+    over = ["extractor=domain", f"cache={cache}", "ref_n=300", "isc_splits=2"] + \
+        [f"domain.{k}={v}" for k, v in TINY.items()]
+    out = gen_main(["--samples", str(tmp_path / "real.npz"), "--ref", "fmnist", "--out",
+                    str(tmp_path / "m.json")] + over)
+    assert json.loads((tmp_path / "m.json").read_text())["fid"] == out["fid"]
+    assert out["num_samples"] == 300 and out["ref_n"] == 300 and out["comparable_to_papers"] is False
+    assert out["class_acc"] > 0.5 and out["precision"] > 0.5 and out["recall"] > 0.5
+    cfg2 = GenEvalConfig(extractor="domain", cache=cache, ref_n=300, isc_splits=2, domain=cfg)
+    bad = evaluate_samples(noise, None, "fmnist", cfg2)
+    assert bad["fid"] > 5 * out["fid"] and "class_acc" not in bad
+    refs = list(Path(cache).glob("refstats/*.npz"))
+    assert len(refs) == 1  # second evaluation reused the cached reference statistics
+
+
+# ------------------------------------------------------------------ inputs and weights
+
+def test_npz_validation_errors(tmp_path):
+    good = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(EvalError, match="does not exist"):
+        fd.load_samples_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "nokey.npz", images=good)
+    with pytest.raises(EvalError, match=r"no 'arr_0'.*images"):
+        fd.load_samples_npz(tmp_path / "nokey.npz")
+    np.savez(tmp_path / "float.npz", arr_0=good.astype(np.float32))
+    with pytest.raises(EvalError, match="uint8.*float32"):
+        fd.load_samples_npz(tmp_path / "float.npz")
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((4, 3, 8, 8), np.uint8))
+    with pytest.raises(EvalError, match=r"\[N,H,W,3\].*\[4, 3, 8, 8\]"):
+        fd.load_samples_npz(tmp_path / "nchw.npz")
+    np.savez(tmp_path / "lab.npz", arr_0=good, labels=np.zeros(3, np.int64))
+    with pytest.raises(EvalError, match=r"labels.*\[4\]"):
+        fd.load_samples_npz(tmp_path / "lab.npz")
+    np.savez(tmp_path / "obj.npz", arr_0=good, labels=np.array([{"a": 1}] * 4, dtype=object))
+    with pytest.raises(EvalError, match="pickle"):
+        fd.load_samples_npz(tmp_path / "obj.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(EvalError, match="not a readable"):
+        fd.load_samples_npz(tmp_path / "junk.npz")
+    np.savez(tmp_path / "grey.npz", arr_0=np.full((2, 8, 8), 7, np.uint8), labels=np.array([1, 2]))
+    x, lab = fd.load_samples_npz(tmp_path / "grey.npz")
+    assert x.shape == (2, 8, 8, 3) and (x == 7).all() and lab.tolist() == [1, 2]
+
+
+def test_missing_inception_weights_error_says_how_to_provide(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("GROUPGEN_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(EvalError) as e:
+        fd.build_extractor("inception", torch.device("cpu"))
+    msg = str(e.value)
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg and "https://github.com/toshas/torch-fidelity" in msg
+    assert str(tmp_path / "th" / "hub" / "checkpoints") in msg and "GROUPGEN_INCEPTION_WEIGHTS" in msg
+    with pytest.raises(EvalError, match="does not exist"):
+        fd.resolve_inception_weights(str(tmp_path / "nope.pth"))
+    f = tmp_path / "th" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"x")
+    assert fd.resolve_inception_weights() == f  # torch-fidelity's cache location is found
+
+
+def test_parse_ref():
+    assert fd.parse_ref("fmnist", "test") == ("dataset", "fmnist", "test")
+    assert fd.parse_ref("fmnist:train", "test") == ("dataset", "fmnist", "train")
+    assert fd.parse_ref("ref.npz", "test")[0] == "npz"
+    with pytest.raises(EvalError, match="not an .npz"):
+        fd.parse_ref("imagenet", "test")
+
+
+# ------------------------------------------------------------------ reconstruction metrics
+
+def test_psnr_ssim_usage_hand_values():
+    x = torch.zeros(2, 1, 16, 16, dtype=torch.float64)
+    y = x.clone()
+    y[0] += 0.1
+    y[1] += 0.2
+    r = psnr(x, y)  # range 2 ([-1,1])
+    mse = (0.01 + 0.04) / 2
+    assert abs(r["psnr"] - 10 * math.log10(4 / mse)) < 1e-9
+    per = (10 * math.log10(4 / 0.01) + 10 * math.log10(4 / 0.04)) / 2
+    assert abs(r["psnr_per_image"] - per) < 1e-9 and r["psnr_per_image"] > r["psnr"]
+    a = torch.rand(3, 3, 20, 20) * 2 - 1
+    assert torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float64))
+    assert (ssim(a, a + 0.3 * torch.randn_like(a)) < 0.9).all()
+    # constant images: SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1)
+    c1 = (0.01 * 2) ** 2
+    a0, b0 = 0.2, -0.3
+    s = ssim(torch.full((1, 1, 12, 12), a0, dtype=torch.float64), torch.full((1, 1, 12, 12), b0, dtype=torch.float64))
+    assert abs(float(s) - (2 * a0 * b0 + c1) / (a0 ** 2 + b0 ** 2 + c1)) < 1e-9
+    u = codebook_usage(torch.tensor([[[0, 1]], [[1, 1]], [[2, 1]], [[3, 1]]]), (8, 2))
+    assert u["usage"] == [0.5, 0.5]
+    assert abs(u["perplexity"][0] - 4) < 1e-9 and abs(u["perplexity"][1] - 1) < 1e-9
+    assert abs(u["entropy_bits"][0] - 2) < 1e-9
+
+
+# ------------------------------------------------------------------ layout statistics
+
+def _store(path, layout, codes, labels=None):
+    n = len(codes)
+    w = TokenStoreWriter(path, layout, n, codes.shape[1], 2, chunk_size=n)
+    w.write_chunk(0, codes, np.zeros(n, np.int64) if labels is None else labels)
+    w.finalize()
+    return TokenStore(path)
+
+
+def test_layout_stats_entropy_matches_hand_values(tmp_path):
+    lay = TokenLayout("seq", 2, (4, 2))
+    # 8 images; pos 0 g0 cycles 0..3 (2 bits), pos 1 g0 constant 3 (0 bits); g1: pos 0 alternates
+    # 0/1 (1 bit), pos 1 = 1 except one image (H(1/8) bits)
+    codes = np.zeros((8, 1, 2, 2), np.int64)
+    codes[:, 0, 0, 0] = np.arange(8) % 4
+    codes[:, 0, 1, 0] = 3
+    codes[:, 0, 0, 1] = np.arange(8) % 2
+    codes[:, 0, 1, 1] = 1
+    codes[0, 0, 1, 1] = 0
+    st = _store(tmp_path / "s", lay, codes)
+    r = layout_stats(st, LayoutStatsConfig(spm=False, full=True))
+    h18 = -(1 / 8) * math.log2(1 / 8) - (7 / 8) * math.log2(7 / 8)
+    np.testing.assert_allclose(r["position_entropy_bits"], [[2.0, 1.0], [0.0, round(h18, 4)]], atol=1e-4)
+    np.testing.assert_allclose(r["position_entropy_bits_mean"], [1.0, (1 + h18) / 2], atol=1e-12)
+    # group 0 marginal over both positions: codes 0,1,2 x2 each and 3 x10 of 16
+    p = np.array([2, 2, 2, 10]) / 16
+    assert abs(r["group_entropy_bits"][0] - float(-(p * np.log2(p)).sum())) < 1e-12
+    assert r["usage"] == [1.0, 1.0] and r["images"] == 8
+
+
+def test_sentencepiece_compresses_repetitive_store(tmp_path):
+    lay = TokenLayout("grid", 16, (16, 16), h=4, w=4)
+    rng = np.random.default_rng(0)
+    protos = rng.integers(0, 16, size=(4, 1, 16, 2))
+    rep = protos[rng.integers(0, 4, 300)]
+    rand = rng.integers(0, 16, size=(300, 1, 16, 2))
+    cfg = LayoutStatsConfig(spm_train_images=200, spm_eval_images=100, spm_extra_vocab=128)
+    r_rep = layout_stats(_store(tmp_path / "rep", lay, rep), cfg)
+    r_rand = layout_stats(_store(tmp_path / "rand", lay, rand), cfg)
+    assert r_rep["raw_tokens_per_image"] == 32 and r_rep["held_out"]
+    assert r_rep["tokens_per_image"] < 8 < r_rand["tokens_per_image"]
+    assert r_rep["compression_ratio"] > 4 and r_rep["unk_in_first_100"] == 0
+    assert r_rep["sum_position_entropy_bits"] <= 32 * 2 + 1e-9 < r_rand["sum_position_entropy_bits"]  # 4 prototypes: <= 2 bits per (l, g)
+
+
+def test_reference_npz_forms_agree(tiny_domain, tmp_path):
+    cfg, cache, net, info = tiny_domain
+    ext = DomainExtractor(cfg, cache=cache)
+    imgs, _ = fd.dataset_images("fmnist", "test", (32, 32), 200)
+    fd.save_samples_npz(tmp_path / "ref_imgs.npz", imgs)
+    a = fd.reference_stats(str(tmp_path / "ref_imgs.npz"), ext, (32, 32), cache=cache)
+    b = fd.reference_stats("fmnist", ext, (32, 32), n=200, cache=cache)
+    assert abs(fd.fid_from_stats(a, b)) < 1e-6 and a["n"] == b["n"] == 200
+    np.savez(tmp_path / "ref_stats.npz", mu=a["mu"], sigma=a["sigma"])  # ADM-style statistics only
+    c = fd.reference_stats(str(tmp_path / "ref_stats.npz"), ext, (32, 32), cache=cache)
+    assert c["pr_features"] is None and np.array_equal(c["mu"], a["mu"])
+    again = fd.reference_stats(str(tmp_path / "ref_imgs.npz"), ext, (32, 32), cache=cache)
+    assert again["cached"] and np.array_equal(again["sigma"], a["sigma"])
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(2048), sigma=np.eye(2048)[:2])  # Inception stats, no images
+    with pytest.raises(EvalError, match="mu'/'sigma' of dimension 32"):
+        fd.reference_stats(str(tmp_path / "bad.npz"), ext, (32, 32), cache=cache)
+
+
+def test_evaluate_tokenizer_with_a_stub_tokenizer():
+    from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+
+    class Stub:  # 4-level pixel quantiser: one token per pixel, G = 1, K = 4
+        layout = TokenLayout("grid", 32 * 32, (4,), h=32, w=32, image_size=32, channels=1)
+
+        def encode(self, x):
+            return ((x + 1) / 2 * 3).round().long().clamp(0, 3).reshape(len(x), -1, 1)
+
+        def decode_codes(self, c):
+            return (c.float() / 3 * 2 - 1).reshape(len(c), 1, 32, 32)
+
+    out = evaluate_tokenizer(Stub(), ReconEvalConfig(n=64, batch_size=32, extractor="none", lpips=False))
+    assert out["images"] == 64 and out["usage"] == [1.0] and 1 < out["perplexity"][0] <= 4
+    # uniform 4-level quantisation of [-1,1]: error at most 1/3 per pixel -> PSNR >= 10 log10(4 / (1/9))
+    assert out["psnr"] > 10 * math.log10(36) and 0 < out["ssim"] <= 1

@@ -1,0 +1,533 @@
+"""Stage-1 quantizers behind one interface (codes are always ``[B, L, G]``).
+
+``build_quantizer(cfg, dim)`` returns a :class:`Quantizer`:
+
+* ``q.quantize(z [B,L,D]) -> (z_q [B,L,D] fp32, codes [B,L,G] long, losses)``; ``losses["vq"]`` is
+  the weighted total to add to the training loss, the other keys are components for logging.
+* ``q.decode_codes(codes) -> z_q``, bit-for-bit equal to the eval-mode ``quantize`` output.
+* ``q.layout_K()``, ``q.per_position_codebook``; ``q.stats()`` -> ``usage/g{g}``, ``perplexity/g{g}``
+  (pertoken: means over tokens), ``usage``, ``perplexity`` (means over groups) and ``count`` (codes
+  counted per slot), over every forward since ``q.reset_stats()``; rank-local under DDP.
+* Trainer hooks, called once per optimizer step: ``q.after_backward()`` right after ``backward()``
+  (before ``zero_grad``; accumulates |grad| per code for grad-magnitude resets) and
+  ``q.step_end(step)`` after ``optimizer.step()`` with the 1-based global step (dead-code revival
+  every ``revive_every`` steps, grad-magnitude resets every ``reset_every`` steps). Both return
+  quickly when their feature is off; ``step_end`` returns a dict of counts for logging.
+
+Kinds ``vq``, ``multigroup`` and ``pertoken`` are one class: ``P`` codebooks ``[P,K,d]`` searched
+with one batched matmul. For ``multigroup`` a slot is a group (D split into G sub-vectors, MGVQ /
+PQGAN, ``vq`` is G=1); for ``pertoken`` a slot is a position (QG-VAE: one codebook per token).
+``residual``, ``fsq`` and ``lfq`` live in ``quantize_extra.py``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("vq", "multigroup", "pertoken", "residual", "fsq", "lfq")
+_CODEBOOK_KINDS = ("vq", "multigroup", "pertoken", "residual")
+
+
+@dataclass
+class QuantizerConfig:
+    kind: str = "vq"                 # vq | multigroup | pertoken | residual | fsq | lfq
+    codebook_size: int = 16384       # K per codebook (vq kinds; fsq/lfq derive K from levels/bits)
+    groups: int = 1                  # G: multigroup sub-vectors, residual depth
+    code_dim: int = 0                # 0 = derived (D/G; D for pertoken/residual); else must match
+    l2_norm: bool = False            # cosine lookup: z and codes l2-normalised (LlamaGen, MGVQ)
+    beta: float = 0.25               # commitment weight
+    codebook_weight: float = 1.0     # codebook-loss weight (QG-VAE release: 0.25 with beta 1.0)
+    init_scale: float = 0.0          # codes ~ U(-s, s); 0 = auto: 0.5 pertoken, 1/K otherwise
+    ema: bool = False                # EMA codebook (VQ-VAE, Laplace smoothing) instead of gradient
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    entropy_weight: float = 0.0      # entropy loss: per-sample entropy low, codebook entropy high
+    entropy_temperature: float = 0.01
+    entropy_diversity: float = 1.0   # weight of the codebook-average entropy inside that loss
+    nested_mask: bool = False        # MGVQ: keep the first k groups per batch (training only)
+    nested_keep_probs: list[float] = field(default_factory=list)  # P(keep k=1..G); [] = default
+    revive_every: int = 0            # steps between dead-code revivals (0 = off)
+    revive_threshold: float = 1.0    # a code used fewer times than this in the window is dead
+    num_tokens: int = 0              # pertoken: C (= L)
+    learned_offset: bool | None = None  # per-slot offset added after lookup; None = pertoken only
+    reset_every: int = 0             # pertoken-style grad-magnitude resets (0 = off)
+    reset_noise: float = 1e-4        # moved code = loaded code + U(-1,1) * reset_noise
+    ordered_dropout_p: float = 0.0   # pertoken: per sample, zero tokens from a random k onward
+    residual_shared: bool = False    # residual: one codebook for all depths
+    levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
+    fsq_groups: int = 1              # fsq: split channels into this many sub-indices
+    lfq_split: list[int] = field(default_factory=list)  # lfq: bits per sub-index, [] = one index
+
+    def num_groups(self) -> int:
+        """G of the token layout this config produces."""
+        if self.kind == "pertoken":
+            return 1
+        if self.kind == "fsq":
+            return self.fsq_groups
+        if self.kind == "lfq":
+            return max(1, len(self.lfq_split))
+        return self.groups
+
+    def keep_probs(self) -> list[float]:
+        """P(keep k groups), k = 1..G. Default: MGVQ's release for G=4 (0.2/0.1/0.1/0.6); for other
+        G, keep 1 w.p. 0.2, all w.p. 0.6, and 0.2 spread over the k in between (G=2: 0.4/0.6)."""
+        G = self.groups
+        if self.nested_keep_probs:
+            return list(self.nested_keep_probs)
+        if G == 1:
+            return [1.0]
+        if G == 2:
+            return [0.4, 0.6]
+        return [0.2] + [0.2 / (G - 2)] * (G - 2) + [0.6]
+
+    def validate(self, dim: int | None = None) -> None:
+        """Raise ValueError naming the bad field; with ``dim`` also check the latent dim fits."""
+        def bad(msg):
+            raise ValueError(f"quantizer config (kind={self.kind!r}): {msg}")
+        if self.kind not in KINDS:
+            bad(f"unknown kind; expected one of {list(KINDS)}")
+        if self.groups < 1:
+            bad(f"groups must be >= 1, got {self.groups}")
+        if self.kind in _CODEBOOK_KINDS and self.codebook_size < 2:
+            bad(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.kind == "vq" and self.groups != 1:
+            bad(f"kind 'vq' has one codebook (groups=1), got groups={self.groups}; use 'multigroup'")
+        if self.kind in ("pertoken", "fsq", "lfq") and self.groups != 1:
+            where = {"pertoken": "num_tokens", "fsq": "fsq_groups", "lfq": "lfq_split"}[self.kind]
+            bad(f"groups must stay 1 for this kind (set {where} instead), got {self.groups}")
+        for name in ("beta", "codebook_weight", "entropy_weight", "init_scale", "reset_noise"):
+            if getattr(self, name) < 0:
+                bad(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            bad(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.entropy_temperature <= 0:
+            bad(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
+        if self.revive_every < 0 or self.reset_every < 0:
+            bad("revive_every and reset_every must be >= 0")
+        if self.nested_mask and self.kind not in ("vq", "multigroup"):
+            bad("nested_mask applies to kinds 'vq'/'multigroup' only")
+        if self.nested_keep_probs:
+            p = self.nested_keep_probs
+            if len(p) != self.groups:
+                bad(f"nested_keep_probs needs one probability per k=1..G ({self.groups}), got {len(p)}")
+            if min(p) < 0 or abs(sum(p) - 1.0) > 1e-6:
+                bad(f"nested_keep_probs must be >= 0 and sum to 1, got {p} (sum {sum(p)})")
+        if not 0.0 <= self.ordered_dropout_p <= 1.0:
+            bad(f"ordered_dropout_p must be in [0, 1], got {self.ordered_dropout_p}")
+        if self.ordered_dropout_p > 0 and self.kind != "pertoken":
+            bad("ordered_dropout_p applies to kind 'pertoken' only")
+        if self.kind == "pertoken" and self.num_tokens < 1:
+            bad(f"pertoken needs num_tokens >= 1 (the sequence length C), got {self.num_tokens}")
+        if (self.ema or self.revive_every or self.reset_every) and self.kind not in _CODEBOOK_KINDS:
+            bad("ema / revive_every / reset_every need a learned codebook (not fsq/lfq)")
+        if self.ema and self.reset_every:
+            bad("reset_every uses codebook gradients; it cannot be combined with ema=True")
+        if self.kind == "residual" and self.l2_norm:
+            bad("l2_norm does not apply to residuals (they are not unit vectors)")
+        if self.kind == "fsq":
+            if not self.levels or min(self.levels) < 2:
+                bad(f"fsq needs levels (each >= 2), got {self.levels}")
+            if self.fsq_groups < 1 or len(self.levels) % self.fsq_groups:
+                bad(f"fsq_groups={self.fsq_groups} must divide len(levels)={len(self.levels)}")
+        if self.kind == "lfq" and self.lfq_split and min(self.lfq_split) < 1:
+            bad(f"lfq_split entries must be >= 1, got {self.lfq_split}")
+        if dim is not None:
+            self._validate_dim(dim, bad)
+
+    def _validate_dim(self, dim: int, bad) -> None:
+        if dim < 1:
+            bad(f"latent dim must be >= 1, got {dim}")
+        if self.kind == "multigroup" and dim % self.groups:
+            bad(f"latent dim D={dim} is not divisible by groups G={self.groups}")
+        if self.kind in _CODEBOOK_KINDS and self.code_dim:
+            want = dim // self.groups if self.kind == "multigroup" else dim
+            if self.code_dim != want:
+                bad(f"code_dim={self.code_dim} does not match the latent: expected {want} "
+                    f"(D={dim}{f' / G={self.groups}' if self.kind == 'multigroup' else ''}); "
+                    "project the latent in the model, or set code_dim=0")
+        if self.kind == "fsq" and dim != len(self.levels):
+            bad(f"fsq needs latent dim D == len(levels) = {len(self.levels)}, got D={dim}")
+        if self.kind == "lfq" and self.lfq_split and sum(self.lfq_split) != dim:
+            bad(f"lfq_split {self.lfq_split} sums to {sum(self.lfq_split)} bits, latent dim D={dim}")
+
+
+def build_quantizer(cfg: QuantizerConfig, dim: int) -> "Quantizer":
+    """The quantizer for ``cfg`` acting on latents of width ``dim`` (= D)."""
+    cfg.validate(dim)
+    if cfg.kind in ("vq", "multigroup", "pertoken"):
+        return VectorQuantizer(cfg, dim)
+    from tokenizer.quantize_extra import FSQuantizer, LFQuantizer, ResidualVQ
+    return {"residual": ResidualVQ, "fsq": FSQuantizer, "lfq": LFQuantizer}[cfg.kind](cfg, dim)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-sample entropy, mean entropy of the sample-averaged distribution) of
+    ``softmax(logits)`` for logits ``[P, N, K]``. A good code assignment has the first low
+    (confident) and the second high (diverse), so the loss is ``first - gamma * second``."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    sample = -(p * logp).sum(-1).mean()
+    avg = p.mean(dim=-2)
+    codebook = -(avg * torch.log(avg.clamp_min(1e-12))).sum(-1).mean()
+    return sample, codebook
+
+
+def _broadcast(*tensors: torch.Tensor) -> None:
+    """Keep codebooks identical across data-parallel ranks after a stochastic edit (rank 0 wins)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+class UsageTracker(nn.Module):
+    """Code counts per stat slot since the last reset; ``slot_group[s]`` maps a slot to its group
+    (for pertoken every token is a slot of group 0 and the group's numbers are token means)."""
+
+    def __init__(self, sizes: list[int], slot_group: list[int] | None = None):
+        super().__init__()
+        self.sizes = list(sizes)
+        self.slot_group = slot_group or list(range(len(sizes)))
+        self.register_buffer("counts", torch.zeros(len(sizes), max(sizes), dtype=torch.float64),
+                             persistent=False)
+
+    @torch.no_grad()
+    def update(self, idx: torch.Tensor, first: int = 0) -> None:
+        """Count ``idx [p, N]`` (indices of slots first..first+p-1)."""
+        p, kmax = idx.shape[0], self.counts.shape[1]
+        flat = (idx + torch.arange(p, device=idx.device)[:, None] * kmax).reshape(-1)
+        self.counts[first:first + p] += torch.bincount(flat, minlength=p * kmax).view(p, kmax).to(
+            self.counts)
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    def stats(self) -> dict:
+        per_group: dict[int, list[tuple[float, float]]] = {}
+        for s, k in enumerate(self.sizes):
+            c = self.counts[s, :k]
+            n = float(c.sum())
+            if n > 0:
+                p = c / n
+                ent = float(-(p[p > 0] * p[p > 0].log()).sum())
+                usage, ppl = float((c > 0).double().mean()), math.exp(ent)
+            else:
+                usage, ppl = 0.0, 0.0
+            per_group.setdefault(self.slot_group[s], []).append((usage, ppl))
+        out = {}
+        for g, vals in sorted(per_group.items()):
+            out[f"usage/g{g}"] = sum(v[0] for v in vals) / len(vals)
+            out[f"perplexity/g{g}"] = sum(v[1] for v in vals) / len(vals)
+        G = len(per_group)
+        out["usage"] = sum(out[f"usage/g{g}"] for g in per_group) / G
+        out["perplexity"] = sum(out[f"perplexity/g{g}"] for g in per_group) / G
+        out["count"] = float(self.counts[0].sum())
+        return out
+
+
+class Quantizer(nn.Module):
+    """Base class: see the module docstring for the contract."""
+
+    per_position_codebook: bool = False
+
+    def __init__(self, cfg: QuantizerConfig, dim: int):
+        super().__init__()
+        self.cfg, self.dim = cfg, dim
+
+    def forward(self, z):
+        return self.quantize(z)
+
+    def quantize(self, z: torch.Tensor):
+        raise NotImplementedError
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layout_K(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return self.tracker.stats()
+
+    def reset_stats(self) -> None:
+        self.tracker.reset()
+
+    def after_backward(self) -> None:
+        pass
+
+    def step_end(self, step: int) -> dict:
+        return {}
+
+    def _check_z(self, z: torch.Tensor, L: int | None = None) -> None:
+        if z.dim() != 3 or z.shape[-1] != self.dim or (L is not None and z.shape[1] != L):
+            want = f"[B, {L if L is not None else 'L'}, {self.dim}]"
+            raise ValueError(f"{type(self).__name__}.quantize: expected z of shape {want}, "
+                             f"got {list(z.shape)}")
+
+    def _check_codes(self, codes: torch.Tensor, L: int | None = None) -> None:
+        G = len(self.layout_K())
+        if codes.dim() != 3 or codes.shape[-1] != G or (L is not None and codes.shape[1] != L):
+            raise ValueError(f"{type(self).__name__}.decode_codes: expected codes of shape "
+                             f"[B, {L if L is not None else 'L'}, {G}], got {list(codes.shape)}")
+
+
+# ----------------------------------------------------------------------------- codebooks
+
+class Codebooks(nn.Module):
+    """``P`` independent codebooks ``embed [P, K, d]`` with batched nearest-code search, optional EMA
+    updates, dead-code revival and grad-magnitude resets. Used by the vq kinds and residual."""
+
+    def __init__(self, P: int, K: int, d: int, cfg: QuantizerConfig, init_scale: float):
+        super().__init__()
+        self.P, self.K, self.d, self.cfg = P, K, d, cfg
+        w = torch.empty(P, K, d).uniform_(-init_scale, init_scale)
+        self.embed = nn.Parameter(w, requires_grad=not cfg.ema)
+        if cfg.ema:  # counts start at one so unused codes stay put instead of blowing up
+            self.register_buffer("ema_count", torch.ones(P, K))
+            self.register_buffer("ema_sum", w.clone())
+        if cfg.revive_every:
+            self.register_buffer("window_usage", torch.zeros(P, K))
+        if cfg.reset_every:
+            self.register_buffer("grad_acc", torch.zeros(P, K))
+            self.register_buffer("round_usage", torch.zeros(P, K))
+        self._recent: list[torch.Tensor | None] = [None] * P  # last batch's features per slot
+
+    def codebook(self) -> torch.Tensor:
+        """The effective fp32 codebook ``[P, K, d]`` (normalised under ``l2_norm``)."""
+        e = self.embed.float()
+        return F.normalize(e, dim=-1) if self.cfg.l2_norm else e
+
+    @staticmethod
+    def distances(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """Squared distances ``[p, N, K]`` = |x|^2 + |e|^2 - 2 x.e by batched matmul."""
+        sq = (x * x).sum(-1, keepdim=True) + (e * e).sum(-1)[:, None, :]
+        return torch.baddbmm(sq, x, e.transpose(1, 2), alpha=-2.0)
+
+    @torch.no_grad()
+    def nearest(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """argmin over codes for ``x [p, N, d]`` against ``e [p, K, d]``, chunked over N so the
+        distance block stays small (about 2^23 floats)."""
+        p, N, _ = x.shape
+        rows = max(1, (1 << 23) // max(1, p * e.shape[1]))
+        e2, et = (e * e).sum(-1)[:, None, :], e.transpose(1, 2)
+        # |x|^2 is constant per row, so argmin needs only |e|^2 - 2 x.e (one pass fewer over [N, K])
+        out = [torch.baddbmm(e2, x[:, i:i + rows], et, alpha=-2.0).argmin(-1) for i in range(0, N, rows)]
+        return torch.cat(out, dim=1) if out else x.new_zeros(p, 0, dtype=torch.long)
+
+    @staticmethod
+    def lookup(e: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``e [p, K, d]`` gathered at ``idx [p, N]`` -> ``[p, N, d]``."""
+        return e.gather(1, idx[..., None].expand(-1, -1, e.shape[-1]))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, idx: torch.Tensor, first: int = 0, recent: bool = True):
+        """Training-time bookkeeping for slots first..first+p-1: usage windows, the feature pool for
+        revival, and the EMA update."""
+        p = x.shape[0]
+        sl = slice(first, first + p)
+        counts = torch.zeros(p, self.K, device=x.device).scatter_add_(
+            1, idx, torch.ones_like(idx, dtype=torch.float32))
+        if self.cfg.revive_every:
+            self.window_usage[sl] += counts
+        if self.cfg.reset_every:
+            self.round_usage[sl] += counts
+        if recent:
+            for i in range(p):
+                self._recent[first + i] = x[i]
+        if self.cfg.ema:
+            sums = torch.zeros(p, self.K, self.d, device=x.device).scatter_add_(
+                1, idx[..., None].expand(-1, -1, self.d), x.float())
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(counts)
+                dist.all_reduce(sums)
+            a = 1.0 - self.cfg.ema_decay
+            self.ema_count[sl].mul_(1 - a).add_(counts, alpha=a)
+            self.ema_sum[sl].mul_(1 - a).add_(sums, alpha=a)
+            n = self.ema_count[sl].sum(-1, keepdim=True)
+            smoothed = (self.ema_count[sl] + self.cfg.ema_eps) / (n + self.K * self.cfg.ema_eps) * n
+            self.embed.data[sl] = (self.ema_sum[sl] / smoothed[..., None]).to(self.embed.dtype)
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        if self.cfg.reset_every and self.embed.grad is not None:
+            self.grad_acc += self.embed.grad.detach().float().abs().sum(-1)
+
+    @torch.no_grad()
+    def revive(self) -> int:
+        """Re-initialise codes used fewer than ``revive_threshold`` times since the last revival
+        from random features of the same slot's last batch. Returns how many codes moved."""
+        moved = 0
+        for s in range(self.P):
+            feats = self._recent[s]
+            dead = (self.window_usage[s] < self.cfg.revive_threshold).nonzero().squeeze(1)
+            if feats is None or feats.shape[0] == 0 or dead.numel() == 0:
+                continue
+            n = feats.shape[0]
+            pick = (torch.randperm(n, device=feats.device)[:dead.numel()] if n >= dead.numel()
+                    else torch.randint(n, (dead.numel(),), device=feats.device))
+            new = feats[pick].to(self.embed.dtype)
+            self.embed.data[s, dead] = new
+            if self.cfg.ema:
+                self.ema_sum[s, dead] = new.float()
+                self.ema_count[s, dead] = 1.0
+            moved += dead.numel()
+        self.window_usage.zero_()
+        _broadcast(*([self.embed] + ([self.ema_sum, self.ema_count] if self.cfg.ema else [])))
+        return moved
+
+    @torch.no_grad()
+    def grad_reset(self) -> int:
+        """QG-VAE reset: per slot, move each code unused in this round onto a loaded code (largest
+        accumulated |grad| first, each loaded code used at most once) plus U(-1,1)*reset_noise."""
+        moved = 0
+        for s in range(self.P):
+            unused = (self.round_usage[s] == 0).nonzero().squeeze(1)
+            used = (self.round_usage[s] > 0).nonzero().squeeze(1)
+            m = min(unused.numel(), used.numel())
+            if m == 0:
+                continue
+            loaded = used[self.grad_acc[s, used].argsort(descending=True)[:m]]
+            noise = (torch.rand(m, self.d, device=self.embed.device) * 2 - 1) * self.cfg.reset_noise
+            self.embed.data[s, unused[:m]] = self.embed.data[s, loaded] + noise.to(self.embed.dtype)
+            moved += m
+        self.grad_acc.zero_()
+        self.round_usage.zero_()
+        _broadcast(self.embed)
+        return moved
+
+    def step_end(self, step: int) -> dict:
+        out = {}
+        if self.cfg.revive_every and step > 0 and step % self.cfg.revive_every == 0:
+            out["revived"] = self.revive()
+        if self.cfg.reset_every and step > 0 and step % self.cfg.reset_every == 0:
+            out["reset"] = self.grad_reset()
+        return out
+
+
+# ----------------------------------------------------------------------------- vq / multigroup / pertoken
+
+class VectorQuantizer(Quantizer):
+    """kinds ``vq``, ``multigroup`` (slot = group, codes shared over positions) and ``pertoken``
+    (slot = position, QG-VAE). Latents are rearranged to ``[P, N, d]`` and searched in one batched
+    matmul against ``[P, K, d]``."""
+
+    def __init__(self, cfg: QuantizerConfig, dim: int):
+        super().__init__(cfg, dim)
+        self.per_position_codebook = cfg.kind == "pertoken"
+        self.G = 1 if self.per_position_codebook else cfg.groups
+        self.P = cfg.num_tokens if self.per_position_codebook else self.G
+        self.d = dim if self.per_position_codebook else dim // self.G
+        K = cfg.codebook_size
+        scale = cfg.init_scale or (0.5 if self.per_position_codebook else 1.0 / K)
+        self.books = Codebooks(self.P, K, self.d, cfg, scale)
+        use_offset = self.per_position_codebook if cfg.learned_offset is None else cfg.learned_offset
+        self.offset = nn.Parameter(torch.zeros(self.P, self.d)) if use_offset else None
+        self.tracker = UsageTracker([K] * self.P, [0] * self.P if self.per_position_codebook else None)
+        self.last_keep = self.G  # groups kept by the last forward (nested masking)
+
+    def layout_K(self) -> tuple[int, ...]:
+        return (self.cfg.codebook_size,) * self.G
+
+    def _to_slots(self, z: torch.Tensor) -> torch.Tensor:
+        B, L, _ = z.shape
+        if self.per_position_codebook:
+            return z.transpose(0, 1)                                  # [C, B, D]
+        return z.reshape(B * L, self.G, self.d).transpose(0, 1)      # [G, B*L, d]
+
+    def _from_slots(self, x: torch.Tensor, B: int, L: int) -> torch.Tensor:
+        if self.per_position_codebook:
+            return x.transpose(0, 1).contiguous()
+        return x.transpose(0, 1).reshape(B, L, self.dim)
+
+    def _finish(self, q: torch.Tensor, keep: int) -> torch.Tensor:
+        """Post-lookup steps shared by quantize and decode_codes (so both agree bit for bit)."""
+        if self.offset is not None:
+            q = q + self.offset.float()[:, None, :]
+        if keep < self.P:  # nested masking: zero every group from `keep` on, after lookup
+            mask = torch.arange(self.P, device=q.device)[:, None, None] < keep
+            q = torch.where(mask, q, torch.zeros((), device=q.device))
+        return q
+
+    def _draw_keep(self, device) -> int:
+        """One draw per batch; under data parallelism rank 0's draw is used by every rank so the
+        EMA all-reduce sees the same groups everywhere."""
+        probs = torch.tensor(self.cfg.keep_probs(), dtype=torch.float)
+        k = torch.multinomial(probs, 1).to(device) + 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(k, src=0)
+        return int(k)
+
+    def quantize(self, z: torch.Tensor, keep_groups: int | None = None):
+        """``keep_groups`` (multigroup, eval) zeroes groups >= k like nested masking does in training."""
+        self._check_z(z, self.cfg.num_tokens if self.per_position_codebook else None)
+        B, L, _ = z.shape
+        cfg = self.cfg
+        if keep_groups is not None:
+            keep = keep_groups
+        elif self.training and cfg.nested_mask:
+            keep = self._draw_keep(z.device)
+        else:
+            keep = self.P
+        if not 1 <= keep <= self.P or (keep < self.P and self.per_position_codebook):
+            raise ValueError(f"keep_groups={keep} must be in [1, G={self.G}] (multigroup only)")
+        self.last_keep = keep
+        with torch.autocast(z.device.type, enabled=False):
+            x = self._to_slots(z.float())
+            if cfg.l2_norm:
+                x = F.normalize(x, dim=-1)
+            e = self.books.codebook()
+            idx = self.books.nearest(x.detach(), e.detach())
+            q = self.books.lookup(e, idx)
+            xk, qk = x[:keep], q[:keep]  # masked groups contribute no VQ losses
+            commit = F.mse_loss(xk, qk.detach())
+            zero = x.new_zeros(())
+            cb = zero if cfg.ema else F.mse_loss(qk, xk.detach())
+            losses = {"codebook": cb, "commitment": commit}
+            total = cfg.codebook_weight * cb + cfg.beta * commit
+            if cfg.entropy_weight > 0:
+                logits = -self.books.distances(xk, e[:keep]) / cfg.entropy_temperature
+                s_ent, c_ent = entropy_terms(logits)
+                ent = s_ent - cfg.entropy_diversity * c_ent
+                losses.update(entropy=ent, sample_entropy=s_ent, codebook_entropy=c_ent)
+                total = total + cfg.entropy_weight * ent
+            losses["vq"] = total
+            if self.training:
+                self.books.observe(xk.detach(), idx[:keep])
+            self.tracker.update(idx[:keep])
+            # straight-through: forward value is exactly q (x - x.detach() == 0), gradient goes to x
+            out = self._finish(q.detach() + (x - x.detach()), keep)
+            out = self._from_slots(out, B, L)
+            if self.training and cfg.ordered_dropout_p > 0:
+                out = out * self._ordered_mask(B, L, out.device)[:, :, None]
+        if self.per_position_codebook:
+            codes = idx.t()[:, :, None]
+        else:
+            codes = idx.t().reshape(B, L, self.G)
+        return out, codes, losses
+
+    def _ordered_mask(self, B: int, L: int, device) -> torch.Tensor:
+        """Per sample w.p. p keep tokens < k for k ~ U{1..L-1}, else keep all: [B, L] of 0/1."""
+        drop = torch.rand(B, device=device) < self.cfg.ordered_dropout_p
+        k = torch.randint(1, max(2, L), (B,), device=device)
+        k = torch.where(drop, k, torch.full_like(k, L))
+        return (torch.arange(L, device=device)[None, :] < k[:, None]).float()
+
+    def decode_codes(self, codes: torch.Tensor, keep_groups: int | None = None) -> torch.Tensor:
+        self._check_codes(codes, self.cfg.num_tokens if self.per_position_codebook else None)
+        B, L, _ = codes.shape
+        idx = codes[..., 0].t() if self.per_position_codebook else codes.reshape(B * L, self.G).t()
+        with torch.autocast(codes.device.type, enabled=False):
+            q = self.books.lookup(self.books.codebook(), idx.long())
+            return self._from_slots(self._finish(q, keep_groups or self.P), B, L)
+
+    def after_backward(self) -> None:
+        self.books.after_backward()
+
+    def step_end(self, step: int) -> dict:
+        return self.books.step_end(step)

@@ -1,0 +1,400 @@
+"""Train a stage-1 tokenizer.
+
+    python -m tokenizer.train --config configs/tokenizer/fmnist_mgvq_g4.yaml [--out RUN_DIR] [key=value ...]
+    torchrun --nproc_per_node 2 -m tokenizer.train --config ...      # data parallel (gloo on CPU)
+
+RUN_DIR gets config.yaml, metrics.jsonl, recon_XXXXXXXX.png strips (originals over reconstructions)
+and checkpoints/ (groupgen.checkpoint; meta kind "tokenizer"). Re-running on the same RUN_DIR resumes
+exactly: the data order is a seeded permutation per epoch indexed by the step, and the optimizers
+and every RNG (per rank) are restored, so the loss trajectory equals an uninterrupted run's.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors,
+                                 rng_state, save_checkpoint, set_rng_state)
+from groupgen.config import ConfigError, load_config, save_config, to_dict
+from groupgen.data import DataConfig, build_dataset
+from groupgen.runs import MetricsLog, autocast, default_device, dist_info, progress, seed_everything, set_threads
+
+from .losses import (LossConfig, PatchDiscriminator, adaptive_weight, build_lpips, gan_active, hinge_d_loss,
+                     hinge_g_loss, recon_loss)
+from .model import ModelConfig, Tokenizer
+from .quantize import QuantizerConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 64               # per process
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    disc_lr: float = 0.0               # 0 = lr
+    disc_betas: tuple[float, float] = (0.9, 0.95)
+    precision: str = "fp32"            # fp32 | bf16 (autocast; quantizer stays fp32)
+    clip: float = 1.0                  # grad-norm clip (0 = off), generator and discriminator
+    ckpt_every: int = 500
+    keep_last: int = 3
+    log_every: int = 50
+    sample_every: int = 500            # recon strip PNGs (0 = off)
+    eval_every: int = 0                # held-out PSNR on eval_batches batches of eval_split (0 = off)
+    eval_batches: int = 4
+    eval_split: str = "test"
+    seed: int = 0
+    threads: int = 0                   # torch intra-op threads (0 = OMP_NUM_THREADS or all cores)
+    device: str = "auto"               # auto | cpu | cuda
+
+    def validate(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self):
+        if (self.data.image_size, self.data.channels) != (self.model.image_size, self.model.channels):
+            raise ConfigError(f"data gives {self.data.channels}x{self.data.image_size}^2 images but the model expects "
+                              f"{self.model.channels}x{self.model.image_size}^2 (set model.image_size/channels)")
+
+
+# sections whose change makes a resume something else than a continuation
+_RESUME_KEYS = ("data", "model", "quantizer", "loss", "train.batch_size", "train.seed", "train.lr", "train.betas")
+
+
+def parse_cli(description: str, extra=None):
+    """argparse with ``--config`` and free ``key=value`` overrides (plus ``extra(parser)`` args)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--config", default=None, help="YAML config")
+    if extra:
+        extra(ap)
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=100")
+    return ap.parse_args()
+
+
+# ----------------------------------------------------------------------------- data order
+
+class BatchOrder:
+    """Global batch ``step`` = slice of a seeded per-epoch permutation: a pure function of the step,
+    so a resumed run reads exactly the batches the uninterrupted run would have."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.b, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch == 0:
+            raise ConfigError(f"dataset has {n} images, fewer than one global batch ({batch} x {world} ranks)")
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        a = (i * self.world + self.rank) * self.b
+        return self._perm[a:a + self.b]
+
+
+def get_batch(ds, idx) -> torch.Tensor:
+    if hasattr(ds, "batch"):
+        return ds.batch(idx)[0]
+    return torch.stack([ds[int(i)][0] for i in idx])
+
+
+def psnr_from_mse(mse: float) -> float:
+    """Images in [-1, 1]: peak-to-peak 2, so PSNR = 10 log10(4 / MSE) (= the [0,1] PSNR)."""
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def save_recon_strip(x: torch.Tensor, xrec: torch.Tensor, path: Path) -> None:
+    from PIL import Image
+
+    def row(t):
+        t = ((t.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        if t.shape[1] == 1:
+            t = t.expand(-1, 3, -1, -1)
+        return torch.cat(list(t), dim=2)  # [3, H, B*W]
+
+    grid = torch.cat([row(x), row(xrec)], dim=1).permute(1, 2, 0).numpy()
+    Image.fromarray(np.ascontiguousarray(grid)).save(path)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class _Stop:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.flag, self.old = False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def _check_resume(cfg: TokenizerTrainConfig, meta: dict, ck: Path) -> None:
+    now, old = to_dict(cfg), meta.get("config", {})
+    diffs = []
+    for key in _RESUME_KEYS:
+        a, b = now, old
+        for p in key.split("."):
+            a, b = a.get(p) if isinstance(a, dict) else None, b.get(p) if isinstance(b, dict) else None
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: checkpoint {b.get(k)!r} vs now {a.get(k)!r}" for k in sorted(set(a) | set(b))
+                      if _norm(a.get(k)) != _norm(b.get(k))]
+        elif _norm(a) != _norm(b):
+            diffs.append(f"{key}: checkpoint {b!r} vs now {a!r}")
+    if diffs:
+        raise CheckpointError(f"cannot resume from {ck}: config differs ({'; '.join(diffs)}); use a new --out "
+                              f"directory to start a different run")
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _all_flags(flags: list[float], world: int) -> list[float]:
+    t = torch.tensor(flags, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
+    """Train (or resume) into ``out_dir``; returns a summary dict (step, checkpoint, psnr, ...)."""
+    cfg.validate()
+    tc, lc = cfg.train, cfg.loss
+    rank, world, local = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = default_device() if tc.device == "auto" else torch.device(tc.device)
+    set_threads(tc.threads or None)
+    out = Path(out_dir)
+    ckroot = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    seed_everything(tc.seed + rank)
+
+    ds = build_dataset(cfg.data, "train", train=True)
+    eval_ds = build_dataset(cfg.data, tc.eval_split, train=False) if rank == 0 else None
+    model = Tokenizer(cfg.model, cfg.quantizer).to(device)
+    q = model.quantizer
+    disc = (PatchDiscriminator(cfg.model.channels, lc.disc_ndf, lc.disc_layers, lc.disc_norm).to(device)
+            if lc.disc_weight > 0 else None)
+    lp = build_lpips(lc)
+    if lp is not None:
+        lp = lp.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                            weight_decay=tc.weight_decay)
+    dopt = (torch.optim.AdamW(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=tc.disc_betas,
+                              weight_decay=tc.weight_decay) if disc is not None else None)
+    meta = {"kind": "tokenizer", "config": to_dict(cfg), "layout": model.layout.to_dict()}
+
+    step = 0
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)
+    ck = latest_checkpoint(ckroot) if ckroot.is_dir() else None
+    if ck is not None:
+        _check_resume(cfg, load_meta(ck), ck)
+        model.load_state_dict(load_tensors(ck, "model"))
+        st = load_state(ck)
+        opt.load_state_dict(st["opt"])
+        if disc is not None:
+            disc.load_state_dict(load_tensors(ck, "disc"))
+            dopt.load_state_dict(st["dopt"])
+        step = int(st["step"])
+        rngs = st["rng"]
+        if len(rngs) != world:
+            raise CheckpointError(f"{ck}: saved by {len(rngs)} ranks, resuming with {world}")
+        set_rng_state(rngs[rank])
+        log.truncate_after(step)
+        if rank == 0:
+            print(f"resumed from {ck} at step {step}", flush=True)
+
+    ddp_model, ddp_disc = model, disc
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dev_ids = [device.index] if device.type == "cuda" else None
+        ddp_model = DDP(model, device_ids=dev_ids, find_unused_parameters=True)
+        if disc is not None:
+            ddp_disc = DDP(disc, device_ids=dev_ids)
+
+    order = BatchOrder(len(ds), tc.batch_size, rank, world, tc.seed)
+    fixed = get_batch(eval_ds, range(min(8, len(eval_ds)))).to(device) if eval_ds is not None else None
+
+    def save(step_: int) -> Path | None:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        path = None
+        if rank == 0:
+            state = {"opt": opt.state_dict(), "step": step_, "rng": rngs}
+            tensors = {"model": model.state_dict()}
+            if disc is not None:
+                state["dopt"] = dopt.state_dict()
+                tensors["disc"] = disc.state_dict()
+            path = save_checkpoint(ckroot, step_, tensors, meta, state, tc.keep_last)
+        if world > 1:
+            dist.barrier()
+        return path
+
+    @torch.no_grad()
+    def evaluate_psnr() -> float:
+        model.eval()
+        mses = []
+        for b in range(tc.eval_batches):
+            idx = range(b * tc.batch_size, min(len(eval_ds), (b + 1) * tc.batch_size))
+            if len(idx) == 0:
+                break
+            x = get_batch(eval_ds, idx).to(device)
+            with autocast(device, tc.precision):
+                xr = model(x)[0]
+            mses.append(float((xr.float() - x).pow(2).mean()))
+        model.train()
+        return psnr_from_mse(sum(mses) / max(1, len(mses)))
+
+    last = {}
+    last_saved = step if ck is not None else -1
+    model.train()
+    t_window, n_window = 0.0, 0
+    bar = progress(total=tc.steps, initial=step, desc="tokenizer")
+    with _Stop() as stop:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            x = get_batch(ds, order(step)).to(device, non_blocking=True)
+            gan_on = gan_active(lc, step)
+            with autocast(device, tc.precision):
+                xrec, codes, qlosses = ddp_model(x)
+            parts = recon_loss(x, xrec, lc)
+            rec = lc.l2_weight * parts["l2"]
+            if lc.recon != "none":
+                rec = rec + lc.recon_weight * parts[lc.recon]
+            if lp is not None:
+                with autocast(device, tc.precision):
+                    parts["lpips"] = lp(x, xrec).mean().float()
+                rec = rec + lc.perceptual_weight * parts["lpips"]
+            total = rec + lc.vq_weight * qlosses["vq"].float()
+            if gan_on:
+                disc.requires_grad_(False)  # the generator step must not touch D's grads
+                with autocast(device, tc.precision):
+                    parts["g_adv"] = hinge_g_loss(disc(xrec))
+                w = adaptive_weight(rec, parts["g_adv"], model.last_layer) if lc.adaptive_disc_weight \
+                    else torch.tensor(1.0)
+                parts["d_weight"] = w
+                total = total + lc.disc_weight * w * parts["g_adv"]
+                disc.requires_grad_(True)
+            bad = 0.0 if torch.isfinite(total) else 1.0
+            bad, stop_now = _all_flags([bad, float(stop.flag)], world)
+            if bad:
+                good = latest_checkpoint(ckroot) if ckroot.is_dir() else None
+                raise FloatingPointError(
+                    f"non-finite tokenizer loss at step {step + 1} (loss {float(total.detach())}, parts "
+                    f"{ {k: float(v.detach()) for k, v in parts.items()} }); stopped without saving. Last good "
+                    f"checkpoint: {good or 'none'}")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            q.after_backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip if tc.clip > 0 else float("inf"))
+            opt.step()
+            if gan_on:
+                dopt.zero_grad(set_to_none=True)
+                with autocast(device, tc.precision):
+                    logits = ddp_disc(torch.cat([x, xrec.detach()]))
+                lr_, lf_ = logits.float().chunk(2)
+                d_loss = hinge_d_loss(lr_, lf_)
+                d_loss.backward()
+                if tc.clip > 0:
+                    torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.clip)
+                dopt.step()
+                parts["d_loss"] = d_loss.detach()
+                parts["logits_real"], parts["logits_fake"] = lr_.mean().detach(), lf_.mean().detach()
+            step += 1
+            qinfo = q.step_end(step) or {}
+            dt = time.perf_counter() - t0
+            t_window += dt
+            n_window += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                row = {"step": step, "loss": float(total.detach()), "vq": float(qlosses["vq"].detach()),
+                       **{k: float(v.detach()) for k, v in parts.items()},
+                       **{f"q_{k}": float(v.detach()) for k, v in qlosses.items() if k != "vq"},
+                       "psnr": psnr_from_mse(float(parts["l2"].detach())), "grad_norm": float(gnorm),
+                       "step_time": t_window / n_window, "gan": bool(gan_on)}
+                row.update({f"q/{k}": float(v) for k, v in q.stats().items()})
+                row.update({f"q/{k}": float(v) for k, v in qinfo.items()})
+                q.reset_stats()
+                if tc.eval_every and step % tc.eval_every == 0 and rank == 0:
+                    row["eval_psnr"] = evaluate_psnr()
+                log.write(**row)
+                last = row
+                bar.set_postfix(loss=f"{row['loss']:.4f}", psnr=f"{row['psnr']:.2f}")
+                t_window, n_window = 0.0, 0
+            if rank == 0 and tc.sample_every and (step % tc.sample_every == 0 or step == tc.steps):
+                model.eval()
+                with torch.no_grad(), autocast(device, tc.precision):
+                    xr = model(fixed)[0]
+                model.train()
+                save_recon_strip(fixed, xr, out / f"recon_{step:08d}.png")
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps or stop_now:
+                save(step)
+                last_saved = step
+            if stop_now:
+                if rank == 0:
+                    print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
+                break
+    bar.close()
+    if last_saved != step:
+        save(step)
+    result = {"step": step, "out_dir": str(out), "checkpoint": str(latest_checkpoint(ckroot)),
+              "layout": model.layout.to_dict(), "interrupted": step < tc.steps}
+    for k in ("loss", "psnr", "eval_psnr", "step_time"):
+        if k in last:
+            result[k] = last[k]
+    return result
+
+
+def main():
+    args = parse_cli("Train a stage-1 tokenizer",
+                     lambda ap: ap.add_argument("--out", default=None, help="run dir (default runs/tokenizer/<config>)"))
+    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+    out = args.out or str(Path("runs/tokenizer") / (Path(args.config).stem if args.config else "default"))
+    res = train(cfg, out)
+    if dist_info()[0] == 0:
+        import json
+        print(json.dumps(res, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
