@@ -86,7 +86,7 @@ class TrainSection:
     ema: float = 0.0                       # EMA decay; 0 = off
     log_every: int = 10
     eval_every: int = 0                    # 0 = only at the end (when a validation set exists)
-    val_tokens: str = ""                   # held-out token store, or ...
+    val_tokens: str = ""                   # held-out token store (wins over val_split), or ...
     val_split: float = 0.0                 # ... this fraction of the training store held out
     eval_batches: int = 0                  # cap on validation batches per rank; 0 = all
     ckpt_every: int = 1000
@@ -111,8 +111,6 @@ class TrainSection:
             bad("ema", f"decay must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.val_split < 1.0:
             bad("val_split", f"must be in [0, 1), got {self.val_split}")
-        if self.val_split and self.val_tokens:
-            bad("val_split", "give either val_tokens or val_split, not both")
         if isinstance(self.zero_stage, int) and self.zero_stage not in (0, 1, 2, 3):
             bad("zero_stage", f"must be 0..3 or a DeepSpeed JSON path, got {self.zero_stage}")
 
@@ -395,7 +393,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
         st = ckpt.load_state(resume_from)
         step, pos = int(st["step"]), int(st["data_pos"])
         if len(st.get("rng", [])) == world:
-            pass
+            ckpt.set_rng_state(st["rng"][rank])
     ema = None
     if tc.ema and rank == 0:
         ema = EMA(dict(gpt.named_parameters()), tc.ema)
@@ -535,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("LOCAL_RANK", str(a.local_rank))
     try:
         cfg = load_config(ARTrainConfig, a.config, a.overrides)
+        resolve_gpt_config(cfg.model)
     except ConfigError as e:
         p.error(str(e))
     res = train(cfg, a.tokens, a.out)

@@ -146,7 +146,7 @@ class Pipeline:
             gen = evaluate_samples(data["arr_0"], data["labels"], c.eval.ref, e_cfg, log=_log)
             # the yardstick: the same metric between real train and real test images
             hw = tuple(data["arr_0"].shape[1:3])
-            real = dataset_images(c.eval.ref, "train", hw, c.eval.real_n)
+            real, _ = dataset_images(c.eval.ref, "train", hw, c.eval.real_n)
             base = evaluate_samples(real, None, c.eval.ref, dataclasses.replace(e_cfg, pr=False), log=_log)
             return {"generation": gen, "real_train_vs_test": {"fid": base["fid"], "is": base["is"],
                                                               "n": base["num_samples"]}}

@@ -1,0 +1,409 @@
+"""Token-layout comparison: one AR recipe trained on the token stores of several tokenizers.
+
+    python -m eval.compare --config configs/main/compare_fmnist.yaml [key=value ...]
+
+For every layout row (a tokenizer preset + overrides, and AR overrides such as the head kind) it
+trains the tokenizer, encodes the train split (and a test-split validation store), measures
+reconstruction (held-out PSNR, SSIM, code usage) and layout statistics (``eval.layout_stats``), then
+trains the *shared* AR recipe (same preset, steps, schedule, seeds for every row) with a checkpoint
+every ``quality.every`` steps. Each checkpoint samples the same balanced label set with the same
+sampling seed and gets domain (or Inception) FID, IS and class-conditional accuracy; the AR
+validation loss at that step comes from the run's log. Results: ``out/compare.md`` (one table),
+``out/compare.json`` (everything, incl. full curves) and ``out/quality_vs_steps.png``.
+
+Quality vs steps comes from the intermediate checkpoints of one run per (row, seed) rather than from
+separate shorter runs: the cheapest correct choice (a curve over one schedule, like FID-vs-epochs
+plots); the cosine LR therefore has not decayed at intermediate points.
+
+Stages are ``groupgen.main.Pipeline.stage`` (cached under ``out/stages/<n>_<stage>-<hash>/``,
+finished ones reused, ``redo=[ar,sample]`` recomputes). Rows sharing a tokenizer (MGVQ with both
+head kinds) share its tokenizer/encode/stats stages because the keys are equal.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from groupgen.checkpoint import atomic_write_text
+from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
+from groupgen.main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef
+from groupgen.runs import read_jsonl, set_threads
+
+EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
+
+
+@dataclass
+class LayoutSpec:
+    name: str = ""                                          # row label, unique
+    tokenizer: StageRef = field(default_factory=StageRef)   # tokenizer preset + its overrides
+    ar_overrides: list[str] = field(default_factory=list)   # on top of the shared AR recipe (e.g. model.head)
+    extra: bool = False                                     # run only with select=[all] or when named
+
+
+@dataclass
+class QualitySection:
+    every: int = 0                      # evaluate every N AR steps (+ the final one); 0 = final only
+    sampling: StageRef = field(default_factory=StageRef)   # one fixed sampling recipe for all rows
+    ref: str = "fmnist"                 # FID reference: dataset name, folder, or ADM .npz
+    extractor: str = "domain"           # domain | inception
+    overrides: list[str] = field(default_factory=list)     # eval.generation GenEvalConfig overrides
+    real_baseline: bool = True          # same metric for real train vs ref (dataset refs only)
+
+
+@dataclass
+class StatsSection:
+    recon_images: int = 2000            # held-out (test split) images for PSNR / usage; 0 = all
+    recon_batch: int = 250
+    layout_overrides: list[str] = field(default_factory=list)   # eval.layout_stats LayoutStatsConfig
+
+
+@dataclass
+class CompareConfig:
+    out: str = "runs/compare_fmnist"
+    threads: int = 2
+    layouts: list[LayoutSpec] = field(default_factory=list)
+    select: list[str] = field(default_factory=list)   # row names; [] = all non-extra rows; [all] = every row
+    tokenizer_overrides: list[str] = field(default_factory=list)   # appended to every row's tokenizer
+    encode: EncodeSection = field(default_factory=EncodeSection)
+    ar: StageRef = field(default_factory=StageRef)     # the shared AR recipe
+    seeds: list[int] = field(default_factory=lambda: [0])   # AR seeds (each row runs every seed)
+    quality: QualitySection = field(default_factory=QualitySection)
+    stats: StatsSection = field(default_factory=StatsSection)
+    redo: list[str] = field(default_factory=list)
+
+    def validate(self):
+        names = [spec.name for spec in self.layouts]
+        if not names:
+            raise ConfigError("layouts: no layout rows configured")
+        if "" in names or len(set(names)) != len(names):
+            raise ConfigError(f"layouts: every row needs a unique non-empty name, got {names}")
+        unknown = [s for s in self.select if s != "all" and s not in names]
+        if unknown:
+            raise ConfigError(f"select: unknown rows {unknown}; configured rows: {names}")
+        valid = STAGES + EXTRA_STAGES + ("all",)
+        bad = [s for s in self.redo if s not in valid]
+        if bad:
+            raise ConfigError(f"redo: unknown stages {bad}; valid: {list(valid)}")
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one AR seed")
+        if self.quality.every < 0:
+            raise ConfigError(f"quality.every must be >= 0, got {self.quality.every}")
+
+    def rows(self) -> list[LayoutSpec]:
+        if "all" in self.select:
+            return list(self.layouts)
+        if self.select:
+            return [s for s in self.layouts if s.name in self.select]
+        return [s for s in self.layouts if not s.extra]
+
+
+def _log(msg: str) -> None:
+    print(f"[eval.compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _finite(x) -> float | None:
+    return float(x) if x is not None and isinstance(x, (int, float)) and math.isfinite(float(x)) else None
+
+
+def _mean_std(xs: list) -> tuple[float | None, float | None]:
+    v = [float(x) for x in xs if _finite(x) is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v)) if len(v) > 1 else None)
+
+
+class Comparison:
+    def __init__(self, cfg: CompareConfig):
+        from ar_model.train import ARTrainConfig
+        from eval.generation import GenEvalConfig
+        from sampling.sample import SamplingConfig
+
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pipe = Pipeline(MainConfig(out=str(self.out / "stages"), threads=cfg.threads))
+        self.pipe.redo = set(STAGES + EXTRA_STAGES) if "all" in cfg.redo else set(cfg.redo)
+        self.memo: dict[str, tuple] = {}   # one run per key per invocation (redo must not repeat it)
+        q = cfg.quality
+        self.ar_base = load_config(ARTrainConfig, cfg.ar.config or None, cfg.ar.overrides)
+        self.s_cfg = load_config(SamplingConfig, q.sampling.config or None, q.sampling.overrides)
+        self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)
+
+    def stage(self, idx: int, name: str, key: dict, fn):
+        h = config_hash(key)
+        if (name, h) not in self.memo:
+            self.memo[(name, h)] = self.pipe.stage(idx, name, key, fn)
+        return self.memo[(name, h)]
+
+    # ------------------------------------------------------------------------------- stage 1
+    def tokens(self, spec: LayoutSpec) -> dict:
+        """Tokenizer, train/val token stores, recon + layout statistics of one row (cached)."""
+        from eval.layout_stats import LayoutStatsConfig, layout_stats
+        from groupgen.tokens import TokenStore
+        from tokenizer.encode import encode
+        from tokenizer.evaluate import EvalConfig as ReconConfig
+        from tokenizer.evaluate import evaluate as recon_eval
+        from tokenizer.train import TokenizerTrainConfig
+        from tokenizer.train import train as train_tok
+
+        c = self.cfg
+        if not spec.tokenizer.config:
+            raise ConfigError(f"layouts[{spec.name}].tokenizer.config: no tokenizer preset given")
+        tok_cfg = load_config(TokenizerTrainConfig, spec.tokenizer.config,
+                              spec.tokenizer.overrides + c.tokenizer_overrides)
+        tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": dataclasses.asdict(tok_cfg)},
+                                          lambda d: train_tok(tok_cfg, d))
+
+        def run_encode(d):   # the same two stores as groupgen.main's encode stage
+            data = dataclasses.replace(tok_cfg.data, limit=c.encode.train_limit)
+            tr = encode(tok_dir, d / "train", data, "train", c.encode.views, c.encode.batch_size)
+            va = encode(tok_dir, d / "val", dataclasses.replace(data, limit=c.encode.val_limit), "test", 1,
+                        c.encode.batch_size)
+            return {"train": str(tr), "val": str(va)}
+
+        _, enc, h2 = self.stage(2, "encode", {"up": h1, "enc": dataclasses.asdict(c.encode)}, run_encode)
+        ls_cfg = load_config(LayoutStatsConfig, None, c.stats.layout_overrides)
+
+        def run_stats(d):
+            rc = ReconConfig(split="test", max_images=c.stats.recon_images, batch_size=c.stats.recon_batch,
+                             lpips=False, threads=c.threads, out=str(d / "recon.json"))
+            rec = recon_eval(tok_dir, rc)
+            lay = layout_stats(TokenStore(enc["train"]), ls_cfg)
+            return {"recon": {k: v for k, v in rec.items() if k not in ("notes", "json")}, "layout": lay}
+
+        _, st, _ = self.stage(2, "stats", {"up": h2, "recon": dataclasses.asdict(c.stats),
+                                           "layout": dataclasses.asdict(ls_cfg)}, run_stats)
+        return {"tok_dir": str(tok_dir), "tok_res": tok_res, "enc": enc, "h": h2, "stats": st,
+                "tokenizer_config": spec.tokenizer.config}
+
+    # ------------------------------------------------------------------------------- stage 2
+    def ar_config(self, spec: LayoutSpec, seed: int):
+        from ar_model.train import ARTrainConfig
+
+        every = self.cfg.quality.every
+        forced = [f"train.seed={seed}", f"train.ckpt_every={every}", "train.keep_last=0",
+                  f"train.eval_every={every}", "train.val_split=0.0"]
+        return load_config(ARTrainConfig, self.cfg.ar.config or None, self.cfg.ar.overrides + forced + spec.ar_overrides)
+
+    def ar(self, spec: LayoutSpec, tok: dict, seed: int):
+        ar_cfg = self.ar_config(spec, seed)
+
+        def run_ar(d):
+            from ar_model.train import train as train_ar
+            from groupgen.checkpoint import latest_checkpoint
+
+            cfg = dataclasses.replace(ar_cfg, train=dataclasses.replace(ar_cfg.train, val_tokens=tok["enc"]["val"]))
+            res = train_ar(cfg, tok["enc"]["train"], d)
+            # Only the latest checkpoint needs DeepSpeed state (resume); the others serve sampling.
+            latest = latest_checkpoint(d / "checkpoints")
+            for p in (d / "checkpoints").glob("step_*/engine"):
+                if latest is None or p.parent.name != latest.name:
+                    shutil.rmtree(p, ignore_errors=True)
+            return res
+
+        return self.stage(3, "ar", {"up": tok["h"], "cfg": dataclasses.asdict(ar_cfg)}, run_ar)
+
+    # ------------------------------------------------------------------------------- quality
+    def quality_at(self, ckpt: Path, h_ar: str, step: int) -> dict:
+        from eval.generation import evaluate_samples
+        from sampling.sample import sample as run_sampling
+
+        s_cfg, e_cfg, ref = self.s_cfg, self.e_cfg, self.cfg.quality.ref
+        smp_dir, _, h4 = self.stage(4, "sample", {"up": h_ar, "step": step, "cfg": dataclasses.asdict(s_cfg)},
+                                    lambda d: run_sampling(s_cfg, ckpt, d))
+
+        def run_eval(d):
+            data = np.load(Path(smp_dir) / "samples.npz")
+            return evaluate_samples(data["arr_0"], data["labels"], ref, e_cfg, log=_log)
+
+        _, ev, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg), "ref": ref}, run_eval)
+        return dict(ev, samples=str(Path(smp_dir) / "samples.npz"))
+
+    def real_baseline(self, n: int, hw: tuple[int, int]) -> dict | None:
+        from eval.fidelity import dataset_images, parse_ref
+        from eval.generation import evaluate_samples
+
+        ref = self.cfg.quality.ref
+        if not self.cfg.quality.real_baseline or parse_ref(ref, "test")[0] != "dataset":
+            return None
+        e_cfg = self.e_cfg
+
+        def run(d):
+            real, labels = dataset_images(ref.partition(":")[0], "train", hw, n)
+            return evaluate_samples(real, labels, ref, e_cfg, log=_log)
+
+        return self.stage(5, "eval", {"real_train": ref, "n": n, "hw": list(hw),
+                                      "cfg": dataclasses.asdict(e_cfg)}, run)[1]
+
+    # ------------------------------------------------------------------------------- driver
+    def run(self) -> dict:
+        from groupgen.tokens import TokenStore
+
+        t0 = time.perf_counter()
+        save_config(self.cfg, self.out / "config.yaml")
+        rows = []
+        for spec in self.cfg.rows():
+            _log(f"row {spec.name}: {spec.tokenizer.config} {spec.tokenizer.overrides} AR {spec.ar_overrides}")
+            tok = self.tokens(spec)
+            layout = TokenStore(tok["enc"]["train"]).layout
+            runs = []
+            for seed in self.cfg.seeds:
+                ar_dir, ar_res, h3 = self.ar(spec, tok, seed)
+                val = {r["step"]: r["val_loss"] for r in read_jsonl(Path(ar_dir) / "metrics.jsonl") if "val_loss" in r}
+                points = []
+                for ck in sorted((Path(ar_dir) / "checkpoints").glob("step_*")):
+                    step = int(ck.name.split("_")[1])
+                    ev = self.quality_at(ck, h3, step)
+                    vl = val.get(step)
+                    points.append({"step": step, "fid": ev["fid"], "is": ev["is"], "class_acc": ev.get("class_acc"),
+                                   "precision": ev.get("precision"), "recall": ev.get("recall"), "val_loss": vl,
+                                   "val_nll_bits": (vl * layout.L * layout.G / math.log(2)) if vl is not None else None,
+                                   "num_samples": ev["num_samples"], "samples": ev["samples"]})
+                runs.append({"seed": seed, "dir": str(ar_dir), "params": ar_res.get("params"),
+                             "final_loss": ar_res.get("loss"), "points": points})
+            rows.append(self.summarise(spec, tok, layout, runs))
+        base = None
+        first = next((p for r in rows for run in r["runs"] for p in run["points"]), None)
+        if first is not None:   # the yardstick at the same N and image size as the samples
+            with np.load(first["samples"]) as z:
+                hw = tuple(int(v) for v in z["arr_0"].shape[1:3])
+            base = self.real_baseline(first["num_samples"], hw)
+        result = {"rows": rows, "real_train_vs_ref": base, "config": to_dict(self.cfg),
+                  "extractor": self.cfg.quality.extractor, "ref": self.cfg.quality.ref,
+                  "wall_seconds": round(time.perf_counter() - t0, 1)}
+        atomic_write_text(self.out / "compare.json", json.dumps(result, indent=1, default=str))
+        write_table(result, self.out / "compare.md")
+        plot_quality(result, self.out / "quality_vs_steps.png")
+        _log(f"done in {result['wall_seconds']:.0f}s: {self.out / 'compare.md'}")
+        return result
+
+    def summarise(self, spec: LayoutSpec, tok: dict, layout, runs: list[dict]) -> dict:
+        """Per-step means (and std over seeds) of every quality number, plus the stage-1 statistics."""
+        steps = sorted({p["step"] for r in runs for p in r["points"]})
+        curve = []
+        for s in steps:
+            pts = [p for r in runs for p in r["points"] if p["step"] == s]
+            row = {"step": s, "n_seeds": len(pts)}
+            for k in ("fid", "is", "class_acc", "precision", "recall", "val_loss", "val_nll_bits"):
+                row[k], row[f"{k}_std"] = _mean_std([p.get(k) for p in pts])
+            curve.append(row)
+        st = tok["stats"]
+        rec, lay = st["recon"], st["layout"]
+        return {
+            "name": spec.name, "tokenizer": tok["tokenizer_config"], "tokenizer_overrides": spec.tokenizer.overrides,
+            "ar_overrides": spec.ar_overrides, "layout": layout.to_dict(), "layout_text": layout.describe(),
+            "L": layout.L, "G": layout.G, "K": list(layout.K), "bits_per_image": layout.bits_per_image,
+            "recon": rec, "layout_stats": lay, "tokenizer_dir": tok["tok_dir"], "stores": tok["enc"],
+            "params": runs[0]["params"] if runs else None, "runs": runs, "curve": curve,
+            "final": curve[-1] if curve else None,
+            "best_fid": min((c for c in curve if c["fid"] is not None), key=lambda c: c["fid"], default=None),
+        }
+
+
+# ----------------------------------------------------------------------------------- outputs
+def _fmt(x, nd=2) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _pm(row: dict | None, k: str, nd=2) -> str:
+    if not row or row.get(k) is None:
+        return "n/a"
+    s = row.get(f"{k}_std")
+    return _fmt(row[k], nd) + (f" ± {s:.{nd}f}" if s is not None else "")
+
+
+def write_table(res: dict, path: Path) -> None:
+    cfg = res["config"]
+    lines = [
+        "# Token-layout comparison", "",
+        f"Same AR recipe for every row (`{cfg['ar']['config']}` + `{cfg['ar']['overrides']}`), seeds "
+        f"{cfg['seeds']}; quality every {cfg['quality']['every'] or 'final'} steps on a fixed balanced sample set "
+        f"(`{cfg['quality']['sampling']['config']}` + `{cfg['quality']['sampling']['overrides']}`), "
+        f"extractor `{res['extractor']}` vs `{res['ref']}`. Bits = L·Σ_g log2 K_g. Val NLL = AR validation loss "
+        "× L·G / ln 2 (bits per image; comparable across layouts, unlike the per-token loss). ± = std over seeds.", "",
+        "| layout | tokenizer | positions × groups | K | bits/img | PSNR (dB) | usage | Σ pos. entropy (bits) "
+        "| SPM tokens/img (ratio) | AR params | val loss | val NLL (bits/img) | FID (final) | class acc (final) "
+        "| best FID @ step | FID by step |",
+        "|" + "---|" * 16,
+    ]
+    for r in res["rows"]:
+        rec, lay, fin, best = r["recon"], r["layout_stats"], r["final"], r["best_fid"]
+        spm = (f"{lay['tokens_per_image']:.1f} ({lay['compression_ratio']:.2f}×)" if "tokens_per_image" in lay
+               else "n/a")
+        by_step = " / ".join(f"{c['step']}: {_fmt(c['fid'], 1)}" for c in r["curve"])
+        lines.append(
+            f"| {r['name']} | {Path(r['tokenizer']).stem} | {r['L']} × {r['G']} | {'/'.join(map(str, sorted(set(r['K']))))} "
+            f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage'), 3)} "
+            f"| {_fmt(lay.get('sum_position_entropy_bits'), 0)} | {spm} "
+            f"| {(r['params'] or 0) / 1e6:.2f}M | {_pm(fin, 'val_loss', 3)} | {_pm(fin, 'val_nll_bits', 0)} "
+            f"| {_pm(fin, 'fid')} | {_pm(fin, 'class_acc', 3)} "
+            f"| {_fmt(best['fid']) if best else 'n/a'} @ {best['step'] if best else '-'} | {by_step} |")
+    bits = [r["bits_per_image"] for r in res["rows"]]
+    lines.append("")
+    if bits and max(bits) > 1.05 * min(bits):
+        lines.append(f"**Note:** bits per image differ by more than 5 % ({min(bits):.0f}–{max(bits):.0f}).")
+    b = res.get("real_train_vs_ref")
+    if b:
+        lines.append(f"Yardstick: real train images vs `{res['ref']}` with the same metric and N={b['num_samples']}: "
+                     f"FID {b['fid']:.2f}, class acc {_fmt(b.get('class_acc'), 3)} (classifier test acc "
+                     f"{_fmt(b.get('classifier_test_acc'), 3)}).")
+    lines += ["", "Curves: ![quality vs steps](quality_vs_steps.png) — all numbers in [compare.json](compare.json)."]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_quality(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("fid", "FID (lower is better)"), ("class_acc", "class-conditional accuracy"),
+              ("val_nll_bits", "AR val NLL (bits / image)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (k, title) in zip(axes, panels):
+        for r in res["rows"]:
+            pts = [(c["step"], c[k], c.get(f"{k}_std")) for c in r["curve"] if c.get(k) is not None]
+            if not pts:
+                continue
+            x, y, s = zip(*pts)
+            line, = ax.plot(x, y, marker="o", label=r["name"])
+            if any(v is not None for v in s):
+                sd = np.array([v or 0.0 for v in s])
+                ax.fill_between(x, np.array(y) - sd, np.array(y) + sd, alpha=0.2, color=line.get_color())
+        b = res.get("real_train_vs_ref")
+        if b and k in ("fid", "class_acc") and b.get(k) is not None:
+            ax.axhline(b[k], color="k", ls="--", lw=1, label="real train")
+        ax.set_xlabel("AR training step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/main/compare_fmnist.yaml")
+    ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'select=[vq,mgvq_g4_ind]'")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(CompareConfig, args.config, args.overrides)
+    except ConfigError as e:
+        ap.error(str(e))
+    set_threads(cfg.threads)
+    return Comparison(cfg).run()
+
+
+if __name__ == "__main__":
+    main()
