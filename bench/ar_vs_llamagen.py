@@ -107,8 +107,9 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     timestamps appended to ``times`` (for the cost-growth measurement)."""
 
     from sampling.logits import GroupPicker, GroupSettings
-    from sampling.sample import Plan, SamplingConfig, generate_codes
+    from sampling.sample import Plan, SamplingConfig, generate_codes, model_for_precision
 
+    model = model_for_precision(copy.deepcopy(model), precision) if precision == "bf16" else model
     labels = torch.arange(S["batch"]) % S["classes"]
     G, L = model.layout.G, model.layout.L
     settings = [GroupSettings(top_k=top_k)] * G

@@ -43,6 +43,7 @@ class EvalSection:
     ref: str = "fmnist"                     # reference for FID: dataset name, image folder, or .npz
     extractor: str = "domain"               # domain (small datasets) | inception
     real_n: int = 10000                     # real images per side for the train-vs-test reference FID
+    recon_images: int = 2000                # test images for the tokenizer's PSNR / SSIM / rFID / usage
     overrides: list[str] = field(default_factory=list)   # eval.generation GenEvalConfig overrides
 
 
@@ -82,8 +83,9 @@ class Pipeline:
         done = d / "DONE.json"
         if done.is_file() and name not in self.redo:
             _log(f"stage {name}: reusing {d}")
-            self.timings[name] = 0.0
-            return d, json.loads(done.read_text()), h
+            result = json.loads(done.read_text())
+            self.timings[name] = f"{result.get('seconds', 0)} (reused)"
+            return d, result, h
         if d.exists() and name in self.redo:
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
@@ -148,8 +150,14 @@ class Pipeline:
             hw = tuple(data["arr_0"].shape[1:3])
             real, _ = dataset_images(c.eval.ref, "train", hw, c.eval.real_n)
             base = evaluate_samples(real, None, c.eval.ref, dataclasses.replace(e_cfg, pr=False), log=_log)
-            return {"generation": gen, "real_train_vs_test": {"fid": base["fid"], "is": base["is"],
-                                                              "n": base["num_samples"]}}
+            from tokenizer.evaluate import EvalConfig as TokEvalConfig
+            from tokenizer.evaluate import evaluate as eval_tok
+
+            rec = eval_tok(tok_dir, TokEvalConfig(max_images=c.eval.recon_images, lpips=False, rfid=True,
+                                                  rfid_extractor=c.eval.extractor, out=str(d / "tokenizer.json"),
+                                                  threads=c.threads))
+            return {"generation": gen, "tokenizer": rec,
+                    "real_train_vs_test": {"fid": base["fid"], "is": base["is"], "n": base["num_samples"]}}
 
         ev_dir, ev_res, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg),
                                                    "ref": c.eval.ref, "real_n": c.eval.real_n}, run_eval)
@@ -162,22 +170,18 @@ class Pipeline:
         return metrics
 
     def collect(self, tok_dir, enc_res, ar_dir, ar_res, smp_dir, smp_res, ev_res) -> dict:
-        from groupgen.runs import read_jsonl
-
         for src, dst in ((smp_dir / "grid.png", "grid.png"), (smp_dir / "samples.npz", "samples.npz")):
             shutil.copyfile(src, self.out / dst)
         strips = sorted(Path(tok_dir).glob("recon_*.png"))
         if strips:
             shutil.copyfile(strips[-1], self.out / "recon.png")
-        tok_rows = [r for r in read_jsonl(Path(tok_dir) / "metrics.jsonl") if "eval_psnr" in r] \
-            if (Path(tok_dir) / "metrics.jsonl").is_file() else []
         from groupgen.tokens import TokenStore
 
         layout = TokenStore(enc_res["train"]).layout
         gen = ev_res["generation"]
         out = {
             "layout": layout.to_dict(), "layout_text": layout.describe(),
-            "tokenizer": {"dir": str(tok_dir), "final_eval": tok_rows[-1] if tok_rows else None},
+            "tokenizer": {"dir": str(tok_dir), **ev_res.get("tokenizer", {})},
             "ar": {k: v for k, v in (ar_res or {}).items() if isinstance(v, (int, float, str, list))},
             "sampling": {"dir": str(smp_dir)},
             "generation": gen, "real_train_vs_test": ev_res["real_train_vs_test"],
@@ -189,15 +193,16 @@ class Pipeline:
 
     def report(self, m: dict) -> None:
         g, r = m["generation"], m["real_train_vs_test"]
-        tok = (m["tokenizer"].get("final_eval") or {})
+        tok = m["tokenizer"]
         lines = [
             "# groupgen main job report", "",
             f"Layout: {m['layout_text']}", "",
             "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v} |" for k, v in m["stage_seconds"].items()],
             f"| total | {m['wall_seconds']} |", "",
-            "## Tokenizer", f"Held-out PSNR: {tok.get('eval_psnr', 'n/a')} dB. Reconstructions (top: real, "
-            "bottom: reconstructed): ![recon](recon.png)", "",
+            "## Tokenizer", f"Test split ({tok.get('num_images', '?')} images): "
+            f"`{json.dumps({k: v for k, v in tok.items() if isinstance(v, (int, float))})}`", "",
+            "Reconstructions (top: real, bottom: reconstructed): ![recon](recon.png)", "",
             "## AR prior", f"Final metrics: `{json.dumps(m['ar'])}`", "",
             "## Samples", "Rows are classes: ![grid](grid.png) — all samples in `samples.npz`.", "",
             "## Metrics (domain classifier: comparable between runs of this project, not to papers)", "",

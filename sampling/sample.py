@@ -163,12 +163,21 @@ def load_models(ckpt, tokenizer=None, device="cpu", cfg: SamplingConfig | None =
         print(f"warning: tokenizer {tk} has weights hash {tok_hash}, but the AR model was trained on codes "
               f"from a tokenizer with hash {want}", file=sys.stderr)
     model, meta = load_ar(ck, device=device)
+    model = model_for_precision(model, cfg.precision if cfg is not None else "fp32")
     tok = load_tokenizer(tk, device=device)
     layout.check_same(tok.layout, f"AR checkpoint {ck}", f"tokenizer {tk}")
     return Models(model, meta, tok, str(ck), str(tk), checkpoint_hash(ck), tok_hash), plan
 
 
 # --- generation ---------------------------------------------------------------------------------
+def model_for_precision(model, precision: str):
+    """bf16 sampling casts the weights once: autocast under inference mode re-casts every weight at
+    every decode step (no cast cache there), which costs a full pass over the weights per token."""
+    if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
+        model = model.to(torch.bfloat16)
+    return model
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """A generator seed that depends only on (seed, chunk index)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(chunk)]).generate_state(1, np.uint64)[0] >> 1)

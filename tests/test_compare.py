@@ -1,0 +1,85 @@
+"""eval.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from eval.compare import CompareConfig, main
+from groupgen.config import ConfigError, load_config
+
+CONFIG = "configs/main/compare_fmnist.yaml"
+TINY_DOMAIN = ("domain.train_limit=2000,domain.test_limit=2000,domain.epochs=1,domain.width=8,domain.hidden=32,"
+               "domain.batch_size=64,domain.lr=5e-3")
+
+
+def tiny_overrides(out: Path, cache: Path) -> list[str]:
+    return [
+        f"out={out}", "threads=1", "select=[vq_g1,mgvq_g4_subtoken]",
+        "tokenizer_overrides=[train.threads=1,train.steps=12,data.limit=512,train.eval_every=0,"
+        "train.sample_every=0,train.ckpt_every=0]",
+        "encode.train_limit=256", "encode.val_limit=128", "encode.batch_size=128",
+        "ar.overrides=[train.threads=1,train.steps=20,train.warmup_steps=2,train.batch_size=16,train.log_every=5,"
+        "train.eval_batches=2,model.preset=micro]",
+        "quality.every=10", "quality.sampling.overrides=[per_class=3,cfg_scale=3.0,batch_size=30,precision=fp32]",
+        f"quality.overrides=[cache={cache},ref_n=300,isc_splits=1,{TINY_DOMAIN}]",
+        "stats.recon_images=128", "stats.layout_overrides=[spm_train_images=100,spm_eval_images=50,spm_extra_vocab=64]",
+    ]
+
+
+def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
+    out = tmp_path / "cmp"
+    res = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
+    for f in ("compare.md", "compare.json", "quality_vs_steps.png", "config.yaml"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    assert (out / "quality_vs_steps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "compare.json").read_text())
+    rows = {r["name"]: r for r in saved["rows"]}
+    assert list(rows) == ["vq_g1", "mgvq_g4_subtoken"]
+    # both rows pinned to the same bit budget by the config's codebook overrides
+    assert (rows["vq_g1"]["L"], rows["vq_g1"]["G"], rows["vq_g1"]["K"]) == (64, 1, [256])
+    assert (rows["mgvq_g4_subtoken"]["G"], rows["mgvq_g4_subtoken"]["K"]) == (4, [4, 4, 4, 4])
+    for r in rows.values():
+        assert r["bits_per_image"] == pytest.approx(512.0)
+        assert math.isfinite(r["recon"]["psnr"]) and 0 < r["recon"]["usage"] <= 1
+        ls = r["layout_stats"]
+        assert 0 < ls["sum_position_entropy_bits"] <= 512 + 1e-6      # entropy never exceeds the layout bits
+        assert ls["tokens_per_image"] <= ls["raw_tokens_per_image"] == r["L"] * r["G"]
+        assert [c["step"] for c in r["curve"]] == [10, 20]               # every 10 steps incl. the final one
+        for c in r["curve"]:
+            assert math.isfinite(c["fid"]) and c["fid"] > 0
+            assert 0.0 <= c["class_acc"] <= 1.0
+            # val NLL in bits per image = mean CE (nats) * L * G / ln 2; below ~uniform (= the layout bits)
+            assert c["val_nll_bits"] == pytest.approx(c["val_loss"] * r["L"] * r["G"] / math.log(2))
+            assert 0 < c["val_nll_bits"] < 1.1 * r["bits_per_image"]
+        assert r["params"] > 0 and r["final"]["step"] == 20
+    base = saved["real_train_vs_ref"]
+    assert base["num_samples"] == 30 and base["fid"] < min(c["fid"] for r in rows.values() for c in r["curve"])
+    md = (out / "compare.md").read_text()
+    assert md.count("| vq_g1 |") == 1 and md.count("| mgvq_g4_subtoken |") == 1
+    # intermediate AR checkpoints keep weights for sampling but drop the DeepSpeed state
+    ar_dirs = sorted((out / "stages").glob("3_ar-*"))
+    assert len(ar_dirs) == 2
+    assert not (ar_dirs[0] / "checkpoints" / "step_00000010" / "engine").exists()
+    assert (ar_dirs[0] / "checkpoints" / "step_00000020" / "engine").is_dir()
+
+    # a re-run reuses every finished stage: same numbers, no new stage folders
+    before = sorted(p.name for p in (out / "stages").iterdir())
+    res2 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before
+    assert [c["fid"] for r in res2["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
+
+
+def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
+    cfg = load_config(CompareConfig, CONFIG)
+    names = [r.name for r in cfg.rows()]
+    assert names == ["vq_g1", "mgvq_g4_indep", "mgvq_g4_subtoken", "qgvae_seq"]   # extras only on request
+    assert len(load_config(CompareConfig, CONFIG, ["select=[all]"]).rows()) == 8
+    indep, sub = cfg.layouts[1], cfg.layouts[2]
+    assert indep.tokenizer == sub.tokenizer and indep.ar_overrides != sub.ar_overrides
+    with pytest.raises(ConfigError, match="unknown rows"):
+        load_config(CompareConfig, CONFIG, ["select=[nope]"])
+    with pytest.raises(ConfigError, match="redo"):
+        load_config(CompareConfig, CONFIG, ["redo=[tokeniser]"])
+    with pytest.raises(ConfigError, match="unique"):
+        load_config(CompareConfig, CONFIG, ["layouts=[{name: a}, {name: a}]"])
