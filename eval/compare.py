@@ -134,6 +134,10 @@ class Comparison:
         self.pipe.redo = set(STAGES + EXTRA_STAGES) if "all" in cfg.redo else set(cfg.redo)
         self.memo: dict[str, tuple] = {}   # one run per key per invocation (redo must not repeat it)
         q = cfg.quality
+        if not q.ref:   # fail before hours of training, not at the first evaluation
+            raise ConfigError("quality.ref: no FID reference given (dataset name, image folder or ADM .npz)")
+        if q.ref.endswith(".npz") and not Path(q.ref).is_file():
+            raise ConfigError(f"quality.ref: reference batch {q.ref!r} does not exist")
         self.ar_base = load_config(ARTrainConfig, cfg.ar.config or None, cfg.ar.overrides)
         self.s_cfg = load_config(SamplingConfig, q.sampling.config or None, q.sampling.overrides)
         self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)

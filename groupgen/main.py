@@ -92,6 +92,11 @@ class Pipeline:
         _log(f"stage {name}: running in {d}")
         t0 = time.perf_counter()
         result = run(d)
+        if isinstance(result, dict) and (result.get("interrupted") or result.get("stopped_early")):
+            # a trainer stopped by a signal saved a checkpoint and returned: resume it next time,
+            # never mark it finished
+            _log(f"stage {name}: interrupted at step {result.get('step')}; re-run the same command to resume")
+            raise SystemExit(143)
         self.timings[name] = round(time.perf_counter() - t0, 1)
         result = dict(result or {}, seconds=self.timings[name])
         atomic_write_text(done, json.dumps(result, indent=1, default=str))

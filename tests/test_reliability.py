@@ -227,34 +227,35 @@ def models(work) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------- campaign jobs
-def job_kill_resume(kind, run, store, k, wait, sig=signal.SIGKILL, helper=None) -> dict:
-    """Interrupt a CLI training run once row ``k`` is logged (+``wait``), then rerun it to the end."""
+def job_chain(kind, run, store, seed) -> dict:
+    """One run, interrupted three ways in turn, each time resumed by rerunning the same command:
+    SIGTERM (tokenizer) / SIGINT (AR) at a random step -> SIGKILL at a later random step -> (tokenizer)
+    SIGKILL inside the next checkpoint write -> run to the end (tokenizer in-process, AR via the CLI)."""
+    rng = random.Random(seed)
     argv = tok_argv(run) if kind == "tokenizer" else ar_argv(store, run)
-    p = start(argv, run.parent / f"{run.name}.kill", helper or SLOW_STEP)
-    interrupt_when(p, lambda: last_row(run) >= k, sig, wait, random.Random(SEED + k))
-    rc, out, err = finish(p)
-    at = {"rc": rc, "row": last_row(run), "latest": latest_step(run), "out": out, "err": err}
-    out, err = run_ok(argv, run.parent / f"{run.name}.resume")
-    m = re.search(r"resumed from \S+ at step (\d+)" if kind == "tokenizer" else r"start step (\d+)", out + err)
-    return {"k": k, "at_kill": at, "resumed_from": int(m.group(1)) if m else None, "run": run}
+    r = {"run": run}
 
+    def stage(name, helper, ready, sig, wait):
+        p = start(argv, run.parent / f"{run.name}.{name}", helper)
+        interrupt_when(p, ready, sig, wait, rng)
+        rc, out, err = finish(p)
+        r[name] = {"rc": rc, "out": out, "err": err, "latest": latest_step(run), "row": last_row(run)}
 
-def job_signal(kind, run, store, k, sig) -> dict:
-    argv = tok_argv(run) if kind == "tokenizer" else ar_argv(store, run)
-    p = start(argv, run.parent / f"{run.name}.sig", SLOW_STEP)
-    interrupt_when(p, lambda: last_row(run) >= k, sig, 0.1, random.Random(SEED))
-    rc, out, err = finish(p)
-    return {"rc": rc, "out": out, "err": err, "run": run}
-
-
-def job_hang_save(kind, run, store, n) -> dict:
-    """SIGKILL while the n-th checkpoint is half written (state.pt in its temp dir, not yet renamed)."""
-    argv = tok_argv(run) if kind == "tokenizer" else ar_argv(store, run)
+    k1 = rng.randint(2, 3)
+    stage("signal", SLOW_STEP, lambda: last_row(run) >= k1, signal.SIGTERM if kind == "tokenizer" else signal.SIGINT, .1)
+    r["k2"] = k2 = r["signal"]["latest"] + rng.randint(1, 2)
+    stage("kill", SLOW_STEP, lambda: last_row(run) >= k2, signal.SIGKILL, rng.uniform(0, 0.3))
+    if kind == "ar":
+        out, err = run_ok(argv, run.parent / f"{run.name}.resume")
+        r["resume"] = {"out": out, "err": err}
+        return r
     marker = run.parent / f"{run.name}.in_save"
-    p = start(argv, run.parent / f"{run.name}.hang", ["--hang-save", str(n), str(marker)])
-    interrupt_when(p, marker.is_file, signal.SIGKILL, 0.0, random.Random(SEED))
-    rc, _, err = finish(p)
-    return {"rc": rc, "err": err, "run": run, "tmp_dirs": sorted(x.name for x in (run / "checkpoints").glob(".*-step_*"))}
+    stage("hang", ["--hang-save", "1", str(marker)], marker.is_file, signal.SIGKILL, 0.0)
+    r["hang"]["tmp_dirs"] = sorted(x.name for x in (run / "checkpoints").glob(".*-step_*"))
+    r["hang"]["state"] = load_state(resolve_checkpoint(run))["step"]
+    from tokenizer.train import TokenizerTrainConfig, train
+    r["final"] = train(load_config(TokenizerTrainConfig, TOK_CFG, TOK_ARGS), run)   # in-process, to the end
+    return r
 
 
 def job_sampling(work, models) -> dict:
@@ -265,8 +266,9 @@ def job_sampling(work, models) -> dict:
     interrupt_when(p, lambda: len(list(shards.glob("chunk_*.npz"))) >= 2, signal.SIGKILL, 0.25, random.Random(SEED))
     rc, _, _ = finish(p)
     before = {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in shards.glob("chunk_*.npz")}
-    run_ok(argv, work / "samp_kill.resume")
-    return {"rc": rc, "before": before, "out": out,
+    from sampling.sample import SamplingConfig, sample
+    info = sample(load_config(SamplingConfig, None, SAMPLE_ARGS), models["ar"], out)   # resume in-process
+    return {"rc": rc, "before": before, "out": out, "info": info,
             "after": {f.name: (f.stat().st_ino, f.stat().st_mtime_ns) for f in shards.glob("chunk_*.npz")}}
 
 
@@ -278,9 +280,10 @@ def job_encode(work, models) -> dict:
                    signal.SIGKILL, 0.2, random.Random(SEED))
     rc, _, _ = finish(p)
     before = {f.name: f.stat().st_mtime_ns for f in (out / "done").iterdir()}
-    text, _ = run_ok(argv, work / "enc_kill.resume")
+    from tokenizer.encode import EncodeConfig, encode
+    encode(models["tok"], out, cfg=load_config(EncodeConfig, None, ENCODE_ARGS))          # resume in-process
     return {"rc": rc, "before": before, "after": {f.name: f.stat().st_mtime_ns for f in (out / "done").iterdir()},
-            "report": json.loads(text.strip().splitlines()[-1]), "out": out}
+            "out": out}
 
 
 def job_batch(work, store, models, tok_ref, ar_ref) -> dict:
@@ -309,6 +312,7 @@ def job_batch(work, store, models, tok_ref, ar_ref) -> dict:
     samp = ["-m", "sampling.sample", "--ckpt", str(models["ar"])]
     evl = ["-m", "eval.generation", "--ref", "fmnist", "--samples"]
     cases = {
+        "ar_again": ar_argv(store, b / "ar_again"),                       # determinism: a second plain run
         "tok_unknown_key": tok_argv(copy(tok_ref, "t_unknown"), "train.stepz=9"),
         "tok_wrong_type": tok_argv(copy(tok_ref, "t_type"), "train.batch_size=eight"),
         "tok_latent_vs_groups": tok_argv(copy(tok_ref, "t_groups"), "model.embed_dim=6"),
@@ -345,17 +349,11 @@ def job_batch(work, store, models, tok_ref, ar_ref) -> dict:
 
 @pytest.fixture(scope="module")
 def campaign(work, store, models) -> dict:
-    rng = random.Random(SEED)
-    ks = [rng.randint(2, STEPS - 3) for _ in range(4)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         f = {"tok_ref": pool.submit(ref_run, tok_argv(work / "tok_ref"), work / "tok_ref"),
              "ar_ref": pool.submit(ref_run, ar_argv(store, work / "ar_ref"), work / "ar_ref")}
-        f["tok_kill"] = pool.submit(job_kill_resume, "tokenizer", work / "tok_kill", store, ks[0], rng.uniform(0, .3))
-        f["ar_kill"] = pool.submit(job_kill_resume, "ar", work / "ar_kill", store, ks[1], rng.uniform(0, .3))
-        f["ar_ref2"] = pool.submit(ref_run, ar_argv(store, work / "ar_ref2"), work / "ar_ref2")
-        f["tok_hang"] = pool.submit(job_hang_save, "tokenizer", work / "tok_hang", store, 3)
-        f["tok_term"] = pool.submit(job_signal, "tokenizer", work / "tok_term", store, ks[2], signal.SIGTERM)
-        f["ar_int"] = pool.submit(job_signal, "ar", work / "ar_int", store, ks[3], signal.SIGINT)
+        f["tok_chain"] = pool.submit(job_chain, "tokenizer", work / "tok_chain", store, SEED)
+        f["ar_chain"] = pool.submit(job_chain, "ar", work / "ar_chain", store, SEED + 1)
         f["sampling"] = pool.submit(job_sampling, work, models)
         f["encode"] = pool.submit(job_encode, work, models)
         f["batch"] = pool.submit(job_batch, work, store, models, f["tok_ref"], f["ar_ref"])
@@ -386,60 +384,55 @@ def unchanged(campaign, name) -> bool:
 
 
 # ================================================================================ kill and resume
-def check_kill_resume(r: dict, ref: Path) -> None:
-    at = r["at_kill"]
-    assert at["rc"] == -signal.SIGKILL, f"run was not killed (rc {at['rc']}) {WHY}"
-    assert at["latest"] is not None and 1 <= at["latest"] < STEPS, at
-    assert r["resumed_from"] == at["latest"], f"resumed from {r['resumed_from']}, latest was {at['latest']} {WHY}"
-    got_t, want = trajectory(r["run"]), trajectory(ref)
+def check_final(run: Path, ref: Path) -> None:
+    got_t, want = trajectory(run), trajectory(ref)
     assert [x["step"] for x in got_t] == list(range(1, STEPS + 1)), f"rows duplicated or lost {WHY}"
-    assert got_t == want, f"killed after row {r['k']} (latest ckpt {at['latest']}): trajectory differs {WHY}"
-    assert weights(r["run"]) == weights(ref), WHY
+    assert got_t == want, f"trajectory differs from the uninterrupted run {WHY}"
+    assert weights(run) == weights(ref), WHY
 
 
 @pytest.mark.parametrize("kind", ["tokenizer", "ar"])
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted(campaign, kind):
-    short = "tok" if kind == "tokenizer" else "ar"
-    check_kill_resume(got(campaign, f"{short}_kill"), got(campaign, f"{short}_ref"))
+    r = got(campaign, "tok_chain" if kind == "tokenizer" else "ar_chain")
+    kill, s1 = r["kill"], r["signal"]["latest"]
+    assert kill["rc"] == -signal.SIGKILL, f"run was not killed: {kill['rc']} {kill['err'][-1500:]} {WHY}"
+    assert s1 <= kill["latest"] < STEPS and kill["row"] >= r["k2"], (kill["latest"], kill["row"], WHY)
+    after = r["hang"]["out"] if kind == "tokenizer" else r["resume"]["err"]
+    m = re.search(r"resumed from \S+ at step (\d+)" if kind == "tokenizer" else r"start step (\d+)", after)
+    assert m and int(m.group(1)) == kill["latest"], (after[-1500:], WHY)   # resumed from the newest checkpoint
+    check_final(r["run"], got(campaign, "tok_ref" if kind == "tokenizer" else "ar_ref"))
 
 
 def test_sigterm_tokenizer_cli_checkpoints_the_step_reached(campaign):
-    r = got(campaign, "tok_term")
+    r = got(campaign, "tok_chain")["signal"]
     m = re.search(r"stopped by signal at step (\d+); checkpoint saved", r["out"])
     assert m, r["out"][-2000:] + r["err"][-2000:]
-    s, run = int(m.group(1)), r["run"]
+    s = int(m.group(1))
     summary = json.loads(r["out"][r["out"].index("{"):])
-    assert summary["interrupted"] and summary["step"] == s and 2 <= s < STEPS
-    assert latest_step(run) == s == last_row(run) and load_state(resolve_checkpoint(run))["step"] == s
+    assert summary["interrupted"] and summary["step"] == s == r["latest"] == r["row"] and 2 <= s < STEPS
 
 
 @pytest.mark.xfail(strict=True, reason="tokenizer.train exits 0 after SIGTERM/SIGINT (ar_model.train exits 143/130): "
                                        "`train && encode` pipelines go on with a half-trained tokenizer")
 def test_sigterm_tokenizer_cli_exit_status_says_interrupted(campaign):
-    assert got(campaign, "tok_term")["rc"] != 0
+    assert got(campaign, "tok_chain")["signal"]["rc"] != 0
 
 
 def test_sigint_ar_cli_checkpoints_the_step_reached(campaign):
-    r = got(campaign, "ar_int")
+    r = got(campaign, "ar_chain")["signal"]
     assert r["rc"] == 130, r["err"][-2000:]
-    s, run = int(re.search(r"interrupted at step (\d+)", r["err"]).group(1)), r["run"]
-    assert 2 <= s < STEPS and latest_step(run) == s == last_row(run)
-    assert load_state(resolve_checkpoint(run))["step"] == s
+    s = int(re.search(r"interrupted at step (\d+)", r["err"]).group(1))
+    assert 2 <= s < STEPS and r["latest"] == s == r["row"]
 
 
 def test_sigkill_inside_checkpoint_write_keeps_previous_then_resumes_exactly(campaign):
-    from tokenizer.train import TokenizerTrainConfig, train
-
-    r, ref = got(campaign, "tok_hang"), got(campaign, "tok_ref")
-    run, root = r["run"], r["run"] / "checkpoints"
-    assert r["rc"] == -signal.SIGKILL, r["err"][-2000:]
-    assert any(n.startswith(".tmp-step_00000003") for n in r["tmp_dirs"])   # killed inside step 3's write
-    assert not (root / "step_00000003").exists() and (root / "latest").read_text().strip() == "step_00000002"
-    ck = resolve_checkpoint(run)
-    assert load_state(ck)["step"] == 2 and load_tensors(ck, "model") and load_tensors(ck, "disc")
-    res = train(load_config(TokenizerTrainConfig, TOK_CFG, TOK_ARGS), run)   # resume in-process
-    assert res["step"] == STEPS
-    assert trajectory(run) == trajectory(ref) and weights(run) == weights(ref)
+    r = got(campaign, "tok_chain")
+    h, prev = r["hang"], r["kill"]["latest"]
+    assert h["rc"] == -signal.SIGKILL, h["err"][-2000:]
+    assert any(n.startswith(f".tmp-step_{prev + 1:08d}") for n in h["tmp_dirs"])   # killed inside that write
+    assert h["latest"] == prev == h["state"]                        # the previous checkpoint is what resumes
+    assert r["final"]["step"] == STEPS
+    check_final(r["run"], got(campaign, "tok_ref"))
 
 
 # ============================================================================ atomic checkpoints
@@ -510,13 +503,13 @@ def test_killed_sampling_redoes_only_missing_chunks_and_merges_identically(campa
     r = got(campaign, "sampling")
     assert r["rc"] == -signal.SIGKILL and 2 <= len(r["before"]) < 6, r
     assert all(r["after"][n] == st for n, st in r["before"].items())       # finished chunks untouched
-    info = json.loads((r["out"] / "sampling.json").read_text())["rank0"]
+    info = r["info"]["rank0"]
     assert sorted(info["chunks_skipped"]) == sorted(int(n[6:11]) for n in r["before"])
     assert sorted(info["chunks_skipped"] + info["chunks_done"]) == list(range(6))   # each chunk once
     assert len(list((r["out"] / "shards").glob("chunk_*.npz"))) == 6
     sample(load_config(SamplingConfig, None, SAMPLE_ARGS), models["ar"], work / "samp_ref")
-    a, b = _arrays(r["out"] / "samples.npz"), _arrays(work / "samp_ref" / "samples.npz")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and len(a["labels"]) == 12
+    assert (r["out"] / "samples.npz").read_bytes() == (work / "samp_ref" / "samples.npz").read_bytes()
+    assert len(_arrays(r["out"] / "samples.npz")["labels"]) == 12
 
 
 def test_killed_encode_resumes_pending_chunks_only_and_equals_one_shot(campaign, models, work):
@@ -525,7 +518,7 @@ def test_killed_encode_resumes_pending_chunks_only_and_equals_one_shot(campaign,
     r = got(campaign, "encode")
     assert r["rc"] == -signal.SIGKILL and 3 <= len(r["before"]) < 10, r
     assert all(r["after"][n] == t for n, t in r["before"].items())           # done markers not re-touched
-    assert r["report"]["chunks_done_now"] == 10 - len(r["before"]) and r["report"]["complete"]
+    assert sorted(r["after"]) == [f"{c:06d}" for c in range(10)]
     one = encode(models["tok"], work / "enc_ref", cfg=load_config(EncodeConfig, None, ENCODE_ARGS))
     for f in ("codes.npy", "labels.npy", "header.json"):
         assert (one / f).read_bytes() == (r["out"] / f).read_bytes(), f
@@ -605,21 +598,31 @@ def test_unreadable_token_arrays_name_the_file(tmp_path, store):
         TokenStore(d)
 
 
-def test_nan_loss_stops_keeps_last_good_checkpoint_and_says_where(campaign):
-    from ar_model.model import load_ar
+def _nan_case(campaign, name, pat, run_name):
+    code, err = case(campaign, name)
+    m = re.search(pat, err)
+    assert code != 0 and m, (name, err[-1500:])
+    bad, run = int(m.group(1)), got(campaign, "batch")["dir"] / run_name
+    assert bad >= 2 and latest_step(run) == bad - 1, (name, bad, latest_step(run))
+    assert f"step_{bad - 1:08d}" in err                                  # the message names the kept one
+    assert all(np.isfinite(r["loss"]) for r in rows(run)) and last_row(run) < bad
+    return run
 
-    b = got(campaign, "batch")["dir"]
-    for name, pat in [("tok_nan", r"non-finite tokenizer loss at step (\d+)"), ("ar_nan", r"non-finite loss .* at step (\d+)")]:
-        code, err = case(campaign, name)
-        m = re.search(pat, err)
-        assert code != 0 and m, (name, err[-1500:])
-        bad, run = int(m.group(1)), b / ("t_nan" if name == "tok_nan" else "a_nan")
-        assert bad >= 2 and latest_step(run) == bad - 1, (name, bad, latest_step(run))
-        assert f"step_{bad - 1:08d}" in err                              # the message names the good one
-        assert all(np.isfinite(r["loss"]) for r in rows(run)) and last_row(run) < bad
-        sd = load_tensors(run, "model")
-        assert all(torch.isfinite(v).all() for v in sd.values())
-    load_ar(b / "a_nan")
+
+def test_nan_loss_stops_keeps_last_good_checkpoint_and_says_where(campaign):
+    _nan_case(campaign, "ar_nan", r"non-finite loss .* at step (\d+)", "a_nan")
+    run = _nan_case(campaign, "tok_nan", r"non-finite tokenizer loss at step (\d+)", "t_nan")
+    assert all(torch.isfinite(v).all() for v in load_tensors(run, "model").values())
+
+
+@pytest.mark.xfail(strict=True, reason="ar_model.train checks only the loss, after engine.step(): the update of the "
+                                       "last finite-loss step can already be NaN/Inf, and that checkpoint is saved and "
+                                       "reported as 'last good'")
+def test_ar_last_good_checkpoint_after_nan_has_finite_weights(campaign):
+    run = _nan_case(campaign, "ar_nan", r"non-finite loss .* at step (\d+)", "a_nan")
+    for name in ("model", "ema"):
+        bad = [k for k, v in load_tensors(run, name).items() if not torch.isfinite(v).all()]
+        assert not bad, f"{resolve_checkpoint(run)}/{name}.safetensors: non-finite {bad[:4]}"
 
 
 def test_missing_pretrained_weights_offline_say_what_to_provide(campaign):
@@ -774,7 +777,8 @@ def test_tokenizer_training_bit_identical_across_runs(campaign, tmp_path):
 
 
 def test_ar_training_bit_identical_across_runs(campaign):
-    a, b = got(campaign, "ar_ref"), got(campaign, "ar_ref2")
+    assert case(campaign, "ar_again")[0] == 0
+    a, b = got(campaign, "ar_ref"), got(campaign, "batch")["dir"] / "ar_again"
     assert trajectory(a) == trajectory(b)
     for s in range(STEPS - 2, STEPS + 1):
         w = weights(a, s)
@@ -788,41 +792,33 @@ def test_sampling_bit_identical_across_runs(campaign, models, tmp_path):
     sample(load_config(SamplingConfig, None, SAMPLE_ARGS), models["ar"], tmp_path / "a")
     a, b = _arrays(tmp_path / "a" / "samples.npz"), _arrays(cli)
     assert all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert (tmp_path / "a" / "samples.npz").read_bytes() == cli.read_bytes()   # the file, byte for byte
     assert len(np.unique(a["codes"].reshape(12, -1), axis=0)) > 1    # not trivially constant
-
-
-@pytest.mark.xfail(strict=True, reason="sampling.sample._write_npz (np.savez) stamps each zip member with the wall "
-                                       "clock: identical samples give different samples.npz bytes/hashes")
-def test_samples_npz_bytes_do_not_depend_on_the_wall_clock(models, tmp_path, monkeypatch):
-    import time as _time
-
-    from sampling.sample import SamplingConfig, sample
-
-    cfg = load_config(SamplingConfig, None, SAMPLE_ARGS + ["num_samples=2"])
-    sample(cfg, models["ar"], tmp_path / "a")
-    monkeypatch.setattr(_time, "localtime", lambda *a: _time.struct_time((2001, 1, 1, 0, 0, 0, 0, 1, 0)))
-    sample(cfg, models["ar"], tmp_path / "b")
-    monkeypatch.undo()
-    assert (tmp_path / "a" / "samples.npz").read_bytes() == (tmp_path / "b" / "samples.npz").read_bytes()
 
 
 # ========================================================================== slow: more trials
 @pytest.mark.slow
-def test_sigkill_random_trials_slow(tmp_path, store):
-    """Three random kill points per trainer (+ a kill inside an AR checkpoint write), each resumed."""
-    rng = random.Random(SEED + 1)
+def test_interruption_chains_random_trials_slow(tmp_path, store):
+    """Three more random signal/kill chains per trainer, and a SIGKILL inside an AR checkpoint write."""
+    rng = random.Random(SEED + 7)
+
+    def ar_hang(run, n):
+        marker = run.parent / f"{run.name}.in_save"
+        p = start(ar_argv(store, run), run.parent / f"{run.name}.hang", ["--hang-save", str(n), str(marker)])
+        interrupt_when(p, marker.is_file, signal.SIGKILL, 0.0, rng)
+        rc, _, err = finish(p)
+        assert rc == -signal.SIGKILL and latest_step(run) == n - 1, (rc, latest_step(run), err[-1500:], WHY)
+        run_ok(ar_argv(store, run), run.parent / f"{run.name}.resume")
+        return run
+
     with ThreadPoolExecutor(max_workers=3) as pool:
         refs = {"tokenizer": pool.submit(ref_run, tok_argv(tmp_path / "tref"), tmp_path / "tref"),
                 "ar": pool.submit(ref_run, ar_argv(store, tmp_path / "aref"), tmp_path / "aref")}
-        trials = [(kind, pool.submit(job_kill_resume, kind, tmp_path / f"{kind}{i}", store,
-                                     rng.randint(2, STEPS - 3), rng.uniform(0, 0.45)))
+        trials = [(kind, pool.submit(job_chain, kind, tmp_path / f"{kind}{i}", store, rng.randrange(1 << 30)))
                   for kind in ("tokenizer", "ar") for i in range(3)]
-        hang_n = rng.randint(2, STEPS - 1)
-        hang = pool.submit(job_hang_save, "ar", tmp_path / "ahang", store, hang_n)
+        hang = pool.submit(ar_hang, tmp_path / "ahang", rng.randint(2, STEPS - 1))
         for kind, fut in trials:
-            check_kill_resume(fut.result(), refs[kind].result())
-        h = hang.result()
-        assert h["rc"] == -signal.SIGKILL and latest_step(h["run"]) == hang_n - 1, (h, WHY)
-        run_ok(ar_argv(store, h["run"]), tmp_path / "ahang.resume")
-        assert trajectory(h["run"]) == trajectory(refs["ar"].result()), WHY
-        assert weights(h["run"]) == weights(refs["ar"].result())
+            r = fut.result()
+            assert r["kill"]["rc"] == -signal.SIGKILL and r["signal"]["latest"] == r["signal"]["row"], WHY
+            check_final(r["run"], refs[kind].result())
+        check_final(hang.result(), refs["ar"].result())
