@@ -262,6 +262,30 @@ def save_training_checkpoint(engine, root: Path, step: int, meta: dict, state: d
     return final
 
 
+def _vet_engine_files(engine_dir: Path) -> None:
+    """DeepSpeed reads its engine files with ``torch.load(weights_only=False)``: open each one with the
+    restricted unpickler first, so a crafted file is refused before DeepSpeed can execute it."""
+    import importlib
+
+    # plain-data classes DeepSpeed pickles into ZeRO optimizer files (no code runs when they are rebuilt)
+    allowed = []
+    for mod, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            allowed.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    for f in sorted(engine_dir.rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ckpt.CheckpointError(f"{f}: refused to load DeepSpeed engine state with the restricted "
+                                       f"unpickler ({type(e).__name__}: {str(e)[:300]})") from None
+
+
 def _find_resume(tc: TrainSection, root: Path) -> Path | None:
     if tc.resume in ("never", "none", ""):
         return None
@@ -386,6 +410,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
 
     step, pos = 0, 0
     if resume_from is not None:
+        _vet_engine_files(Path(resume_from) / "engine")
         path, _ = engine.load_checkpoint(str(resume_from), tag="engine", load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
@@ -489,6 +514,14 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                 last_val = run_eval(step)
             stopping = stop_now or (tc.stop_at and step >= tc.stop_at)
             if step == tc.steps or stopping or (tc.ckpt_every and step % tc.ckpt_every == 0):
+                # the loss of this step was finite, but its update may not be: never save (and call
+                # "last good") weights that are not
+                bad = torch.tensor([float(any(not torch.isfinite(p.detach()).all() for p in gpt.parameters()))],
+                                   dtype=torch.float64, device=device)
+                torch.distributed.all_reduce(bad)
+                if bad.item() > 0:
+                    raise TrainingDiverged(f"non-finite weights after the update at step {step}; training stopped, "
+                                           f"last good checkpoint: {last_ckpt or 'none'}")
                 last_ckpt = save(step)
             if stopping:
                 break

@@ -1,6 +1,6 @@
 """Stage-1 tokenizer ablation on Fashion-MNIST (CPU): one training recipe, many quantizer layouts.
 
-    python bench/tokenizer_ablation.py [--rows a,b,c] [--steps 500] [--quick] [--out DIR] [--png PATH]
+    python bench/tokenizer_ablation.py [--rows a,b,c] [--steps 500] [--quick] [--out DIR] [--work RUNS] [--png PATH]
 
 Every row trains with the same steps, seed, batch and optimizer (``tokenizer.train.train`` in this
 process, one row at a time, ``train.threads`` threads), then is evaluated with
@@ -14,7 +14,7 @@ process, one row at a time, ``train.threads`` threads), then is evaluated with
 * (c) QG-VAE with 64 global tokens (as many as the VQ grid has positions) against VQ G=1, K 1024 each.
 
 Writes ``DIR/results.json`` and ``DIR/table.md`` and a PNG of the held-out PSNR curves. A row whose
-``DIR/runs/<row>/row.json`` matches the current settings is reused (re-run with ``--fresh``);
+``RUNS/<row>/row.json`` (RUNS = ``--work``, default ``DIR/runs``) matches the current settings is reused (re-run with ``--fresh``);
 ``tokenizer.train`` itself resumes an interrupted row from its checkpoint. Convergence: the held-out
 PSNR gain over the last fifth of training must be < ``--conv-db`` (0.2 dB, the issue's criterion).
 """
@@ -187,8 +187,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-images", type=int, default=2000, help="test images for the final evaluation")
     ap.add_argument("--conv-db", type=float, default=0.2)
     ap.add_argument("--quick", action="store_true", help="smoke test: 10 steps, tiny evals")
-    ap.add_argument("--out", default="runs/bench/tokenizer_ablation", help="run dirs, results.json, table.md")
+    ap.add_argument("--out", default="runs/bench/tokenizer_ablation", help="results.json, table.md (and curves.png)")
+    ap.add_argument("--work", default="", help="row run dirs (checkpoints; default OUT/runs)")
     ap.add_argument("--png", default="", help="curves PNG (default DIR/curves.png)")
+    ap.add_argument("--json", default="", help="also write the raw results here")
     ap.add_argument("--fresh", action="store_true", help="retrain rows even if a matching row.json exists")
     a = ap.parse_args(argv)
     if a.quick:
@@ -209,18 +211,20 @@ def main(argv=None) -> dict:
     info = machine_info(a.threads)
     results = []
     for r in rows:
-        results.append(run_row(r, a, shared, out / "runs"))
+        results.append(run_row(r, a, shared, Path(a.work) if a.work else out / "runs"))
         print(table(results[-1:]).splitlines()[-1], flush=True)
     info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     png = Path(a.png) if a.png else out / "curves.png"
     plot(results, png, a.steps)
     md = table(results)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(md)
     summary = {"machine": info, "argv": sys.argv[1:], "steps": a.steps, "batch": a.batch, "seed": a.seed,
                "threads": a.threads, "eval_every": a.eval_every, "eval_images": a.eval_images,
                "shared_overrides": shared, "png": str(png),
                "rows": [{k: v for k, v in r.items() if k != "key"} for r in results]}
     write_json(out / "results.json", summary)
+    write_json(a.json or None, summary)
     print(md)
     print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {png}")
     return summary

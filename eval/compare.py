@@ -138,7 +138,7 @@ class Comparison:
             raise ConfigError("quality.ref: no FID reference given (dataset name, image folder or ADM .npz)")
         if q.ref.endswith(".npz") and not Path(q.ref).is_file():
             raise ConfigError(f"quality.ref: reference batch {q.ref!r} does not exist")
-        self.ar_base = load_config(ARTrainConfig, cfg.ar.config or None, cfg.ar.overrides)
+        load_config(ARTrainConfig, cfg.ar.config or None, cfg.ar.overrides)   # fail fast on a bad shared recipe
         self.s_cfg = load_config(SamplingConfig, q.sampling.config or None, q.sampling.overrides)
         self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)
 
@@ -196,7 +196,8 @@ class Comparison:
         every = self.cfg.quality.every
         forced = [f"train.seed={seed}", f"train.ckpt_every={every}", "train.keep_last=0",
                   f"train.eval_every={every}", "train.val_split=0.0"]
-        return load_config(ARTrainConfig, self.cfg.ar.config or None, self.cfg.ar.overrides + forced + spec.ar_overrides)
+        return load_config(ARTrainConfig, self.cfg.ar.config or None,
+                           self.cfg.ar.overrides + forced + spec.ar_overrides)
 
     def ar(self, spec: LayoutSpec, tok: dict, seed: int):
         ar_cfg = self.ar_config(spec, seed)
@@ -333,7 +334,8 @@ def write_table(res: dict, path: Path) -> None:
         f"{cfg['seeds']}; quality every {cfg['quality']['every'] or 'final'} steps on a fixed balanced sample set "
         f"(`{cfg['quality']['sampling']['config']}` + `{cfg['quality']['sampling']['overrides']}`), "
         f"extractor `{res['extractor']}` vs `{res['ref']}`. Bits = L·Σ_g log2 K_g. Val NLL = AR validation loss "
-        "× L·G / ln 2 (bits per image; comparable across layouts, unlike the per-token loss). ± = std over seeds.", "",
+        "× L·G / ln 2 (bits per image; comparable across layouts, unlike the per-token loss). "
+        "± = std over seeds.", "",
         "| layout | tokenizer | positions × groups | K | bits/img | PSNR (dB) | usage | Σ pos. entropy (bits) "
         "| SPM tokens/img (ratio) | AR params | val loss | val NLL (bits/img) | FID (final) | class acc (final) "
         "| best FID @ step | FID by step |",
@@ -345,7 +347,8 @@ def write_table(res: dict, path: Path) -> None:
                else "n/a")
         by_step = " / ".join(f"{c['step']}: {_fmt(c['fid'], 1)}" for c in r["curve"])
         lines.append(
-            f"| {r['name']} | {Path(r['tokenizer']).stem} | {r['L']} × {r['G']} | {'/'.join(map(str, sorted(set(r['K']))))} "
+            f"| {r['name']} | {Path(r['tokenizer']).stem} | {r['L']} × {r['G']} "
+            f"| {'/'.join(map(str, sorted(set(r['K']))))} "
             f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage'), 3)} "
             f"| {_fmt(lay.get('sum_position_entropy_bits'), 0)} | {spm} "
             f"| {(r['params'] or 0) / 1e6:.2f}M | {_pm(fin, 'val_loss', 3)} | {_pm(fin, 'val_nll_bits', 0)} "

@@ -214,14 +214,17 @@ class ImageFolderDataset(Dataset):
         return im.crop((l, t, l + s, t + s))
 
     def __getitem__(self, i):
-        path, label = self.files[i]
-        try:
-            im = self._load(path)
-        except DataError:
-            if not self.cfg.skip_corrupt:
-                raise
-            self.skipped.append(str(path))
-            return self[(i + 1) % len(self)]
+        for attempt in range(len(self)):
+            path, label = self.files[(i + attempt) % len(self)]
+            try:
+                im = self._load(path)
+                break
+            except DataError:
+                if not self.cfg.skip_corrupt:
+                    raise
+                self.skipped.append(str(path))  # counted; the next readable file stands in
+        else:
+            raise DataError(f"imagefolder {self.cfg.root}: no readable image among {len(self)} files")
         arr = np.asarray(self._crop(im), dtype=np.uint8)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         if self.cfg.channels == 1:

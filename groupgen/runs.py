@@ -67,8 +67,14 @@ class MetricsLog:
         """On resume, drop rows logged after the checkpoint so the log equals an uninterrupted run's."""
         if not (self.enabled and self.path.is_file()):
             return
-        rows = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in rows if json.loads(ln).get("step", -1) <= step]
+        keep = []
+        for ln in self.path.read_text().splitlines():
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # a line torn by a crash or a full disk mid-append
+                continue
+            if isinstance(row, dict) and row.get("step", -1) <= step:
+                keep.append(ln)
         self.path.write_text("".join(ln + "\n" for ln in keep))
 
 

@@ -110,8 +110,11 @@ class TokenStore:
             self.layout = TokenLayout.from_dict(self.header["layout"])
         except (LayoutError, TypeError) as e:
             raise TokenStoreError(f"{hfile}: bad layout: {e}") from None
-        self.codes = np.load(self.root / "codes.npy", mmap_mode="r", allow_pickle=False)
-        self.labels = np.load(self.root / "labels.npy", mmap_mode="r", allow_pickle=False)
+        try:
+            self.codes = np.load(self.root / "codes.npy", mmap_mode="r", allow_pickle=False)
+            self.labels = np.load(self.root / "labels.npy", mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise TokenStoreError(f"{self.root}: cannot read codes.npy/labels.npy ({type(e).__name__}: {e})") from None
         n, v = int(self.header["N"]), int(self.header["V"])
         want = (n, v, self.layout.L, self.layout.G)
         if tuple(self.codes.shape) != want:

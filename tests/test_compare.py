@@ -16,7 +16,7 @@ TINY_DOMAIN = ("domain.train_limit=2000,domain.test_limit=2000,domain.epochs=1,d
 def tiny_overrides(out: Path, cache: Path) -> list[str]:
     return [
         f"out={out}", "threads=1", "select=[vq_g1,mgvq_g4_subtoken]",
-        "tokenizer_overrides=[train.threads=1,train.steps=12,data.limit=512,train.eval_every=0,"
+        "tokenizer_overrides=[train.threads=1,train.steps=8,data.limit=512,train.eval_every=0,"
         "train.sample_every=0,train.ckpt_every=0]",
         "encode.train_limit=256", "encode.val_limit=128", "encode.batch_size=128",
         "ar.overrides=[train.threads=1,train.steps=20,train.warmup_steps=2,train.batch_size=16,train.log_every=5,"

@@ -227,10 +227,10 @@ def models(work) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------- campaign jobs
-def job_chain(kind, run, store, seed) -> dict:
+def job_chain(kind, run, store, seed, hang=False) -> dict:
     """One run, interrupted three ways in turn, each time resumed by rerunning the same command:
-    SIGTERM (tokenizer) / SIGINT (AR) at a random step -> SIGKILL at a later random step -> (tokenizer)
-    SIGKILL inside the next checkpoint write -> run to the end (tokenizer in-process, AR via the CLI)."""
+    SIGTERM (tokenizer) / SIGINT (AR) at a random step -> SIGKILL at a later random step -> (tokenizer,
+    ``hang``) SIGKILL inside the next checkpoint write -> run to the end (tokenizer in-process, AR via the CLI)."""
     rng = random.Random(seed)
     argv = tok_argv(run) if kind == "tokenizer" else ar_argv(store, run)
     r = {"run": run}
@@ -249,10 +249,11 @@ def job_chain(kind, run, store, seed) -> dict:
         out, err = run_ok(argv, run.parent / f"{run.name}.resume")
         r["resume"] = {"out": out, "err": err}
         return r
-    marker = run.parent / f"{run.name}.in_save"
-    stage("hang", ["--hang-save", "1", str(marker)], marker.is_file, signal.SIGKILL, 0.0)
-    r["hang"]["tmp_dirs"] = sorted(x.name for x in (run / "checkpoints").glob(".*-step_*"))
-    r["hang"]["state"] = load_state(resolve_checkpoint(run))["step"]
+    if hang:
+        marker = run.parent / f"{run.name}.in_save"
+        stage("hang", ["--hang-save", "1", str(marker)], marker.is_file, signal.SIGKILL, 0.0)
+        r["hang"]["tmp_dirs"] = sorted(x.name for x in (run / "checkpoints").glob(".*-step_*"))
+        r["hang"]["state"] = load_state(resolve_checkpoint(run))["step"]
     from tokenizer.train import TokenizerTrainConfig, train
     r["final"] = train(load_config(TokenizerTrainConfig, TOK_CFG, TOK_ARGS), run)   # in-process, to the end
     return r
@@ -397,9 +398,9 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted(campaign, kind)
     kill, s1 = r["kill"], r["signal"]["latest"]
     assert kill["rc"] == -signal.SIGKILL, f"run was not killed: {kill['rc']} {kill['err'][-1500:]} {WHY}"
     assert s1 <= kill["latest"] < STEPS and kill["row"] >= r["k2"], (kill["latest"], kill["row"], WHY)
-    after = r["hang"]["out"] if kind == "tokenizer" else r["resume"]["err"]
-    m = re.search(r"resumed from \S+ at step (\d+)" if kind == "tokenizer" else r"start step (\d+)", after)
-    assert m and int(m.group(1)) == kill["latest"], (after[-1500:], WHY)   # resumed from the newest checkpoint
+    if kind == "ar":
+        m = re.search(r"start step (\d+)", r["resume"]["err"])
+        assert m and int(m.group(1)) == kill["latest"], (r["resume"]["err"][-1500:], WHY)   # newest checkpoint
     check_final(r["run"], got(campaign, "tok_ref" if kind == "tokenizer" else "ar_ref"))
 
 
@@ -412,8 +413,6 @@ def test_sigterm_tokenizer_cli_checkpoints_the_step_reached(campaign):
     assert summary["interrupted"] and summary["step"] == s == r["latest"] == r["row"] and 2 <= s < STEPS
 
 
-@pytest.mark.xfail(strict=True, reason="tokenizer.train exits 0 after SIGTERM/SIGINT (ar_model.train exits 143/130): "
-                                       "`train && encode` pipelines go on with a half-trained tokenizer")
 def test_sigterm_tokenizer_cli_exit_status_says_interrupted(campaign):
     assert got(campaign, "tok_chain")["signal"]["rc"] != 0
 
@@ -425,14 +424,19 @@ def test_sigint_ar_cli_checkpoints_the_step_reached(campaign):
     assert 2 <= s < STEPS and r["latest"] == s == r["row"]
 
 
-def test_sigkill_inside_checkpoint_write_keeps_previous_then_resumes_exactly(campaign):
-    r = got(campaign, "tok_chain")
+@pytest.mark.slow
+def test_sigkill_inside_checkpoint_write_keeps_previous_then_resumes_exactly(tmp_path, store):
+    """signal -> SIGKILL -> SIGKILL inside the next checkpoint write (tokenizer), then resume to the end."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        ref = pool.submit(ref_run, tok_argv(tmp_path / "ref"), tmp_path / "ref")
+        r = job_chain("tokenizer", tmp_path / "chain", store, SEED + 3, hang=True)
     h, prev = r["hang"], r["kill"]["latest"]
     assert h["rc"] == -signal.SIGKILL, h["err"][-2000:]
+    assert re.search(rf"resumed from \S+ at step {prev}\b", h["out"]), (h["out"][-1500:], WHY)
     assert any(n.startswith(f".tmp-step_{prev + 1:08d}") for n in h["tmp_dirs"])   # killed inside that write
     assert h["latest"] == prev == h["state"]                        # the previous checkpoint is what resumes
     assert r["final"]["step"] == STEPS
-    check_final(r["run"], got(campaign, "tok_ref"))
+    check_final(r["run"], ref.result())
 
 
 # ============================================================================ atomic checkpoints
@@ -482,8 +486,6 @@ def test_stale_or_garbage_latest_pointer_falls_back_to_newest_complete(tmp_path)
         assert resolve_checkpoint(root).name == "step_00000002"
 
 
-@pytest.mark.xfail(strict=True, reason="groupgen.runs.MetricsLog.truncate_after json-decodes every line: a torn last "
-                                       "line (crash/ENOSPC mid-append) makes every later resume crash")
 def test_resume_tolerates_a_torn_last_metrics_line(tmp_path):
     f = tmp_path / "metrics.jsonl"
     f.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
@@ -548,8 +550,6 @@ def test_cli_inconsistent_sizes_are_named(campaign):
     assert code != 0 and "config differs" in err and "train.lr" in err, err[-1500:]
 
 
-@pytest.mark.xfail(strict=True, reason="tokenizer.train.train() rewrites RUN/config.yaml before building the model "
-                                       "and before the resume check: a rejected config replaces the run's record")
 def test_rejected_tokenizer_config_leaves_existing_run_dir_untouched(campaign):
     assert unchanged(campaign, "tok_latent_vs_groups") and unchanged(campaign, "tok_changed_config")
 
@@ -588,8 +588,6 @@ def test_token_store_header_checks(tmp_path, store):
             TokenStore(d)
 
 
-@pytest.mark.xfail(strict=True, reason="groupgen.tokens.TokenStore: np.load errors (truncated or object-dtype "
-                                       "codes.npy) surface as bare numpy ValueErrors that do not name the file")
 def test_unreadable_token_arrays_name_the_file(tmp_path, store):
     d = Path(shutil.copytree(store, tmp_path / "trunc"))
     raw = (d / "codes.npy").read_bytes()
@@ -610,16 +608,13 @@ def _nan_case(campaign, name, pat, run_name):
 
 
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_says_where(campaign):
-    _nan_case(campaign, "ar_nan", r"non-finite loss .* at step (\d+)", "a_nan")
+    _nan_case(campaign, "ar_nan", r"non-finite (?:loss|weights).* at step (\d+)", "a_nan")
     run = _nan_case(campaign, "tok_nan", r"non-finite tokenizer loss at step (\d+)", "t_nan")
     assert all(torch.isfinite(v).all() for v in load_tensors(run, "model").values())
 
 
-@pytest.mark.xfail(strict=True, reason="ar_model.train checks only the loss, after engine.step(): the update of the "
-                                       "last finite-loss step can already be NaN/Inf, and that checkpoint is saved and "
-                                       "reported as 'last good'")
 def test_ar_last_good_checkpoint_after_nan_has_finite_weights(campaign):
-    run = _nan_case(campaign, "ar_nan", r"non-finite loss .* at step (\d+)", "a_nan")
+    run = _nan_case(campaign, "ar_nan", r"non-finite (?:loss|weights).* at step (\d+)", "a_nan")
     for name in ("model", "ema"):
         bad = [k for k, v in load_tensors(run, name).items() if not torch.isfinite(v).all()]
         assert not bad, f"{resolve_checkpoint(run)}/{name}.safetensors: non-finite {bad[:4]}"
@@ -664,8 +659,6 @@ def test_imagefolder_truncated_and_corrupt_images_are_named(tmp_path):
     assert x.shape == (3, 8, 8) and ds.skipped[:2] == [str(trunc), str(junk)]
 
 
-@pytest.mark.xfail(strict=True, reason="groupgen.data.ImageFolderDataset.__getitem__ with skip_corrupt=True recurses "
-                                       "forever when no file is readable: RecursionError instead of a DataError")
 def test_imagefolder_skip_corrupt_with_no_readable_image_is_a_clear_error(tmp_path):
     for i in range(2):
         (tmp_path / "a").mkdir(exist_ok=True)
@@ -714,9 +707,6 @@ def test_crafted_state_pt_never_runs_tokenizer_or_ar(campaign, tmp_path):
     assert not (got(campaign, "batch")["dir"] / "pwned_state").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="ar_model.train resumes via deepspeed engine.load_checkpoint, whose "
-                                       "TorchCheckpointEngine.load calls torch.load(weights_only=False): a crafted "
-                                       "RUN/checkpoints/step_*/engine/*.pt runs code on resume")
 def test_crafted_deepspeed_engine_file_never_runs(campaign):
     code, err = case(campaign, "ar_engine_payload")
     assert not (got(campaign, "batch")["dir"] / "pwned_engine").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -200,7 +201,6 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     ckroot = out / "checkpoints"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     seed_everything(tc.seed + rank)
 
     ds = build_dataset(cfg.data, "train", train=True)
@@ -223,6 +223,9 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     ck = latest_checkpoint(ckroot) if ckroot.is_dir() else None
     if ck is not None:
         _check_resume(cfg, load_meta(ck), ck)
+    if rank == 0:  # only once the model built and a resume was accepted: a rejected config changes nothing
+        save_config(cfg, out / "config.yaml")
+    if ck is not None:
         model.load_state_dict(load_tensors(ck, "model"))
         st = load_state(ck)
         opt.load_state_dict(st["opt"])
@@ -394,6 +397,8 @@ def main():
         print(json.dumps(res, indent=1))
     if dist.is_initialized():
         dist.destroy_process_group()
+    if res.get("interrupted"):
+        sys.exit(143)  # like the AR trainer: `train && encode` must not go on with a half-trained tokenizer
 
 
 if __name__ == "__main__":
