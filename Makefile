@@ -28,3 +28,9 @@ test-slow: setup
 
 compare: setup
 	$(PY) -m eval.compare --config configs/main/compare_fmnist.yaml $(ARGS)
+
+# LlamaGen is never vendored: check it out elsewhere and pass LLAMAGEN=/path/to/LlamaGen
+bench: setup
+	$(PY) bench/ar_vs_llamagen.py --llamagen $(LLAMAGEN) $(ARGS)
+	$(PY) bench/token_store.py $(ARGS)
+	$(PY) bench/tokenizer_speed.py $(ARGS)

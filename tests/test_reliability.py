@@ -603,7 +603,8 @@ def _nan_case(campaign, name, pat, run_name):
     bad, run = int(m.group(1)), got(campaign, "batch")["dir"] / run_name
     assert bad >= 2 and latest_step(run) == bad - 1, (name, bad, latest_step(run))
     assert f"step_{bad - 1:08d}" in err                                  # the message names the kept one
-    assert all(np.isfinite(r["loss"]) for r in rows(run)) and last_row(run) < bad
+    # the loss of step `bad` may be finite and logged; its update is what made the weights non-finite
+    assert all(np.isfinite(r["loss"]) for r in rows(run)) and last_row(run) <= bad
     return run
 
 
