@@ -162,7 +162,11 @@ class DomainExtractor(Extractor):
         self.net, self.info = load_or_train(cfg, cache, log=log or (lambda m: print(m, file=sys.stderr)))
         self.net.to(device)
         self.feature_dim = cfg.hidden
-        self.name = f"domain-{Path(self.info['path']).name}"
+        # the weights' hash is part of the name, so cached reference statistics never outlive the
+        # classifier they were computed with (e.g. after it is retrained under the same config)
+        from groupgen.checkpoint import checkpoint_hash
+
+        self.name = f"domain-{Path(self.info['path']).name}-{checkpoint_hash(self.info['path'])[:8]}"
 
     @torch.no_grad()
     def __call__(self, x):
