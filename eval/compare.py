@@ -35,7 +35,7 @@ import numpy as np
 
 from groupgen.checkpoint import atomic_write_text
 from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
-from groupgen.main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef
+from groupgen.main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 from groupgen.runs import read_jsonl, set_threads
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
@@ -153,7 +153,6 @@ class Comparison:
         """Tokenizer, train/val token stores, recon + layout statistics of one row (cached)."""
         from eval.layout_stats import LayoutStatsConfig, layout_stats
         from groupgen.tokens import TokenStore
-        from tokenizer.encode import encode
         from tokenizer.evaluate import EvalConfig as ReconConfig
         from tokenizer.evaluate import evaluate as recon_eval
         from tokenizer.train import TokenizerTrainConfig
@@ -167,14 +166,8 @@ class Comparison:
         tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": dataclasses.asdict(tok_cfg)},
                                           lambda d: train_tok(tok_cfg, d))
 
-        def run_encode(d):   # the same two stores as groupgen.main's encode stage
-            data = dataclasses.replace(tok_cfg.data, limit=c.encode.train_limit)
-            tr = encode(tok_dir, d / "train", data, "train", c.encode.views, c.encode.batch_size)
-            va = encode(tok_dir, d / "val", dataclasses.replace(data, limit=c.encode.val_limit), "test", 1,
-                        c.encode.batch_size)
-            return {"train": str(tr), "val": str(va)}
-
-        _, enc, h2 = self.stage(2, "encode", {"up": h1, "enc": dataclasses.asdict(c.encode)}, run_encode)
+        _, enc, h2 = self.stage(2, "encode", {"up": h1, "enc": dataclasses.asdict(c.encode)},
+                                lambda d: encode_stores(tok_dir, d, tok_cfg.data, c.encode))
         ls_cfg = load_config(LayoutStatsConfig, None, c.stats.layout_overrides)
 
         def run_stats(d):

@@ -22,6 +22,15 @@ IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".jfif"}
 CACHE_VERSION = 1
 
 
+def emit_json(out: dict, path: str | Path | None = None) -> None:
+    """What every eval CLI does with its result: print it as JSON, and write it to ``path`` if given."""
+    text = json.dumps(out, indent=1)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+
+
 class EvalError(ValueError):
     """Bad evaluation input (file, key, shape, missing weights), with what was expected."""
 

@@ -12,18 +12,16 @@ See ``eval/__init__.py`` for which numbers are comparable to papers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from groupgen.config import ConfigError, load_config, to_dict
 
 from .domain import DomainConfig, class_conditional_accuracy
-from .fidelity import (EvalError, build_extractor, extract, fid_from_stats, fid_stats, inception_score,
+from .fidelity import (EvalError, build_extractor, emit_json, extract, fid_from_stats, fid_stats, inception_score,
                        load_samples_npz, precision_recall, reference_stats, resolve_device)
 
 
@@ -100,11 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     out["config"] = to_dict(cfg)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit_json(out, args.out)
     return out
 
 

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from groupgen.config import ConfigError, load_config, to_dict
 from groupgen.tokens import TokenStore, TokenStoreError
 
-from .fidelity import EvalError
+from .fidelity import EvalError, emit_json
 
 # Supplementary private-use planes 15 and 16: untouched by normalisation, never whitespace.
 _PUA_BLOCKS = ((0xF0000, 0xFFFFD), (0x100000, 0x10FFFD))
@@ -158,10 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, ConfigError, TokenStoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(out, args.out)
     return out
 
 

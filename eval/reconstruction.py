@@ -11,12 +11,10 @@ Fashion-MNIST is not comparable to published rFID).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +24,7 @@ from groupgen.config import ConfigError, load_config, to_dict
 from groupgen.data import DataConfig
 
 from .domain import DomainConfig
-from .fidelity import (EvalError, Extractor, build_extractor, extract, fid_from_features, resolve_device,
+from .fidelity import (EvalError, Extractor, emit_json, build_extractor, extract, fid_from_features, resolve_device,
                        to_uint8_nhwc)
 
 
@@ -213,10 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_json(out, args.out)
     return out
 
 

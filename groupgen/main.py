@@ -64,6 +64,17 @@ class MainConfig:
             raise ConfigError(f"redo: unknown stages {bad}; valid: {list(STAGES) + ['all']}")
 
 
+def encode_stores(tok_dir, out: Path, data_cfg, enc: EncodeSection) -> dict:
+    """The encode stage: a training store (``enc.views`` views) and a one-view store of the test split
+    for the AR validation loss."""
+    from tokenizer.encode import encode
+
+    data = dataclasses.replace(data_cfg, limit=enc.train_limit)
+    train_dir = encode(tok_dir, out / "train", data, "train", enc.views, enc.batch_size)
+    val_dir = encode(tok_dir, out / "val", dataclasses.replace(data, limit=enc.val_limit), "test", 1, enc.batch_size)
+    return {"train": str(train_dir), "val": str(val_dir)}
+
+
 def _log(msg: str) -> None:
     print(f"[groupgen.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -109,7 +120,6 @@ class Pipeline:
         from eval.generation import GenEvalConfig, evaluate_samples
         from sampling.sample import SamplingConfig
         from sampling.sample import sample as run_sampling
-        from tokenizer.encode import encode
         from tokenizer.train import TokenizerTrainConfig
         from tokenizer.train import train as train_tok
 
@@ -125,14 +135,8 @@ class Pipeline:
                                           lambda d: train_tok(tok_cfg, d))
         enc_key = {"up": h1, "enc": dataclasses.asdict(c.encode)}
 
-        def run_encode(d):
-            enc_data = dataclasses.replace(tok_cfg.data, limit=c.encode.train_limit)
-            train_dir = encode(tok_dir, d / "train", enc_data, "train", c.encode.views, c.encode.batch_size)
-            val_dir = encode(tok_dir, d / "val", dataclasses.replace(enc_data, limit=c.encode.val_limit), "test", 1,
-                             c.encode.batch_size)
-            return {"train": str(train_dir), "val": str(val_dir)}
-
-        enc_dir, enc_res, h2 = self.stage(2, "encode", enc_key, run_encode)
+        enc_dir, enc_res, h2 = self.stage(2, "encode", enc_key,
+                                          lambda d: encode_stores(tok_dir, d, tok_cfg.data, c.encode))
 
         def run_ar(d):
             cfg = dataclasses.replace(ar_cfg)
