@@ -254,8 +254,10 @@ def job_chain(kind, run, store, seed, hang=False) -> dict:
         stage("hang", ["--hang-save", "1", str(marker)], marker.is_file, signal.SIGKILL, 0.0)
         r["hang"]["tmp_dirs"] = sorted(x.name for x in (run / "checkpoints").glob(".*-step_*"))
         r["hang"]["state"] = load_state(resolve_checkpoint(run))["step"]
-    from tokenizer.train import TokenizerTrainConfig, train
-    r["final"] = train(load_config(TokenizerTrainConfig, TOK_CFG, TOK_ARGS), run)   # in-process, to the end
+    # To the end in a child process: in-process, the other campaign threads (building models to encode or
+    # sample) would draw from the same global torch RNG between the restore and the next draw.
+    out, _ = run_ok(tok_argv(run), run.parent / f"{run.name}.final")
+    r["final"] = json.loads(out[out.index("{\n"):])
     return r
 
 
