@@ -23,7 +23,6 @@ import gc
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a file (e.g. the deepspeed launcher with
 import numpy as np
 import torch
 
+from ar_model.checkpointing import check_resume_meta, find_resume, save_training_checkpoint, vet_engine_files
 from ar_model.data import TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, param_groups
@@ -169,10 +169,6 @@ def init_distributed() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _barrier() -> None:
-    torch.distributed.barrier()
-
-
 def _ds_config(tc: TrainSection, world: int, bf16: bool) -> dict:
     path = DS_CONFIG_DIR / f"zero{tc.zero_stage}.json" if isinstance(tc.zero_stage, int) else Path(tc.zero_stage)
     if not path.is_file():
@@ -201,119 +197,6 @@ class _LossModule(torch.nn.Module):
 
     def forward(self, codes, labels):
         return self.gpt.loss(codes, labels)
-
-
-def _full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 GPT state dict on rank 0 (ZeRO-3 gathers partitions: every rank must call this)."""
-    gpt = engine.module.gpt
-    ctx = None
-    if stage == 3:
-        import deepspeed
-        ctx = deepspeed.zero.GatheredParameters(list(gpt.parameters()), modifier_rank=None)
-        ctx.__enter__()
-    try:
-        if rank != 0:
-            return None
-        return {k: v.detach().float().cpu().clone() for k, v in gpt.state_dict().items()}
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-
-
-# ------------------------------------------------------------------------------- checkpoints
-def _prune(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    latest = ckpt.latest_checkpoint(root)
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last]:
-        if latest is None or old.name != latest.name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def save_training_checkpoint(engine, root: Path, step: int, meta: dict, state: dict, stage: int,
-                             rank: int, keep_last: int, ema: EMA | None) -> Path:
-    """Collective: DeepSpeed engine state + our safetensors export, made visible atomically."""
-    name = f"step_{step:08d}"
-    staging = root / f".ds-{name}"
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        root.mkdir(parents=True, exist_ok=True)
-    _barrier()
-    engine.save_checkpoint(str(staging), tag="engine", save_latest=False)
-    rngs: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(rngs, ckpt.rng_state())
-    sd = _full_state(engine, stage, rank)
-    final = root / name
-    if rank == 0:
-        tensors = {"model": sd}
-        if ema is not None:
-            tensors["ema"] = {**sd, **ema.state_dict()}
-        build = ckpt.write_checkpoint_dir(root / f".build-{name}", tensors, dict(meta, step=step),
-                                          dict(state, rng=rngs))
-        os.replace(staging / "engine", build / "engine")
-        shutil.rmtree(staging, ignore_errors=True)
-        if final.exists():   # the same step saved by an earlier, crashed attempt
-            shutil.rmtree(final)
-        os.replace(build, final)
-        ckpt.atomic_write_text(root / "latest", name + "\n")   # only now does resume see it
-        _prune(root, keep_last)
-    _barrier()
-    return final
-
-
-def _vet_engine_files(engine_dir: Path) -> None:
-    """DeepSpeed reads its engine files with ``torch.load(weights_only=False)``: open each one with the
-    restricted unpickler first, so a crafted file is refused before DeepSpeed can execute it."""
-    import importlib
-
-    # plain-data classes DeepSpeed pickles into ZeRO optimizer files (no code runs when they are rebuilt)
-    allowed = []
-    for mod, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
-                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
-                      ("deepspeed.utils.tensor_fragment", "fragment_address")):
-        try:
-            allowed.append(getattr(importlib.import_module(mod), name))
-        except (ImportError, AttributeError):
-            pass
-    for f in sorted(engine_dir.rglob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ckpt.CheckpointError(f"{f}: refused to load DeepSpeed engine state with the restricted "
-                                       f"unpickler ({type(e).__name__}: {str(e)[:300]})") from None
-
-
-def _find_resume(tc: TrainSection, root: Path) -> Path | None:
-    if tc.resume in ("never", "none", ""):
-        return None
-    if tc.resume == "auto":
-        return ckpt.latest_checkpoint(root) if root.is_dir() else None
-    return ckpt.resolve_checkpoint(tc.resume)
-
-
-def _check_resume_meta(meta: dict, path: Path, store: TokenStore, gpt_cfg: GPTConfig, world: int, stage: int):
-    from groupgen.layout import TokenLayout
-
-    if meta.get("kind") != "ar":
-        raise ckpt.CheckpointError(f"{path}: meta kind {meta.get('kind')!r}, expected 'ar'")
-    TokenLayout.from_dict(meta["layout"]).check_same(store.layout, f"checkpoint {path}", f"token store {store.root}")
-    if int(meta["num_classes"]) != store.num_classes:
-        raise ckpt.CheckpointError(f"{path}: trained with {meta['num_classes']} classes, token store "
-                                   f"{store.root} has {store.num_classes}")
-    if meta.get("model") != dataclasses.asdict(gpt_cfg):
-        diff = {k: (v, meta.get("model", {}).get(k)) for k, v in dataclasses.asdict(gpt_cfg).items()
-                if meta.get("model", {}).get(k) != v}
-        raise ConfigError(f"model config differs from checkpoint {path} (config vs checkpoint): {diff}")
-    if not (path / "engine").is_dir():
-        raise ckpt.CheckpointError(f"{path}: no DeepSpeed engine state (engine/) to resume from; use it "
-                                   f"for inference or fine-tuning instead")
-    if (meta.get("world_size"), meta.get("zero_stage")) != (world, stage) and stage > 0:
-        raise ckpt.CheckpointError(f"{path}: saved with world_size={meta.get('world_size')} ZeRO-"
-                                   f"{meta.get('zero_stage')}, now world_size={world} ZeRO-{stage}; "
-                                   f"ZeRO partitions only reload at the same data-parallel size and stage")
 
 
 # ---------------------------------------------------------------------------------- training
@@ -386,14 +269,14 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     threads = set_threads(tc.threads or None)
     run = Path(cfg.out)
     root = run / "checkpoints"
-    resume_from = _find_resume(tc, root)
+    resume_from = find_resume(tc, root)
     bf16 = tc.precision == "bf16" or (tc.precision == "auto" and torch.cuda.is_available())
     ds_cfg = _ds_config(tc, world, bf16)
     stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     if tc.ema and stage == 3:
         raise ConfigError("train.ema is not supported with ZeRO-3 (parameters are partitioned)")
     if resume_from is not None:   # fail fast, before any engine is built
-        _check_resume_meta(ckpt.load_meta(resume_from), resume_from, store, gpt_cfg, world, stage)
+        check_resume_meta(ckpt.load_meta(resume_from), resume_from, store, gpt_cfg, world, stage)
 
     seed_everything(tc.seed)                     # identical init on every rank
     gpt = GPT(gpt_cfg, layout, store.num_classes)
@@ -410,7 +293,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
 
     step, pos = 0, 0
     if resume_from is not None:
-        _vet_engine_files(Path(resume_from) / "engine")
+        vet_engine_files(Path(resume_from) / "engine")
         path, _ = engine.load_checkpoint(str(resume_from), tag="engine", load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:

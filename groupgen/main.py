@@ -208,8 +208,8 @@ class Pipeline:
             f"Layout: {m['layout_text']}", "",
             "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v} |" for k, v in m["stage_seconds"].items()],
-            f"| total | {m['wall_seconds']} |", "",
-            "## Tokenizer", f"Test split ({tok.get('num_images', '?')} images): "
+            f"| total (this invocation) | {m['wall_seconds']} |", "",
+            "## Tokenizer", f"Test split ({tok.get('images', '?')} images): "
             f"`{json.dumps({k: v for k, v in tok.items() if isinstance(v, (int, float))})}`", "",
             "Reconstructions (top: real, bottom: reconstructed): ![recon](recon.png)", "",
             "## AR prior", f"Final metrics: `{json.dumps(m['ar'])}`", "",

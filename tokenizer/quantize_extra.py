@@ -9,7 +9,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from tokenizer.quantize import Codebooks, Quantizer, QuantizerConfig, UsageTracker, entropy_terms
+from tokenizer.code_usage import UsageTracker
+from tokenizer.quantize import Codebooks, Quantizer, QuantizerConfig, entropy_terms
 
 
 class ResidualVQ(Quantizer):
