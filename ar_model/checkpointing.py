@@ -38,7 +38,6 @@ def full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
             ctx.__exit__(None, None, None)
 
 
-# ------------------------------------------------------------------------------- checkpoints
 def prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
