@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block, RMSNorm
+from .layers import Block, Linear, RMSNorm
 
 Pick = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -43,7 +43,7 @@ class IndependentHeads(nn.Module):
     def __init__(self, dim: int, K: Sequence[int]):
         super().__init__()
         self.K = tuple(K)
-        self.out = nn.Linear(dim, sum(self.K), bias=False)
+        self.out = Linear(dim, sum(self.K), bias=False)
 
     def zero_init(self) -> None:
         nn.init.zeros_(self.out.weight)
@@ -64,7 +64,7 @@ class SubtokenHead(nn.Module):
         self.K = tuple(K)
         G = len(self.K)
         self.width = width
-        self.in_proj = nn.Linear(dim, width, bias=False) if width != dim else nn.Identity()
+        self.in_proj = Linear(dim, width, bias=False) if width != dim else nn.Identity()
         # One table for the G-1 conditioning groups, group g's rows start at offsets[g].
         self.embed = nn.Embedding(sum(self.K[:-1]), width) if G > 1 else None
         offs = [0]
@@ -77,7 +77,7 @@ class SubtokenHead(nn.Module):
             Block(width, n_head, n_kv_head, hidden, norm_eps, attn_dropout, resid_dropout, ffn_dropout)
             for _ in range(n_layer))
         self.norm = RMSNorm(width, norm_eps)
-        self.out = nn.ModuleList(nn.Linear(width, k, bias=False) for k in self.K)
+        self.out = nn.ModuleList(Linear(width, k, bias=False) for k in self.K)
 
     def zero_init(self) -> None:
         for lin in self.out:

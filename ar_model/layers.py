@@ -4,6 +4,7 @@ Pre-norm RMSNorm (fp32 inside), fused-qkv attention with optional GQA and rotary
 (interleaved pairs, as LlamaGen), SwiGLU with the gate and up projections fused in one matmul.
 Two attention paths: ``forward`` over a whole causal sequence (SDPA ``is_causal``), and ``step``
 that writes one token into a preallocated cache and attends to the filled prefix only (no mask).
+Linear layers are ``Linear`` (an ``nn.Linear`` with a faster CPU path for decode-sized inputs).
 """
 from __future__ import annotations
 
@@ -53,6 +54,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) with a faster CPU inference path.
+
+    For a handful of rows in fp32, MKL's ``x @ W^T`` kernel is far from both the bandwidth and the
+    compute limit; the same product taken as ``(W @ x^T)^T`` runs 1.1-1.4x faster at 4-32 rows
+    and slower outside that range (GPT-B decode shapes; ``bench/decode_linear.py``). That is the
+    KV-cached decode step (batch x 2 for guidance). Taken only without autograd, so training is
+    unchanged; bf16 gains nothing reliable and keeps ``F.linear``.
+    """
+
+    ROWS = (4, 32)   # fast path for this many rows (inclusive)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            if self.ROWS[0] <= rows <= self.ROWS[1]:
+                y = torch.mm(w, x.reshape(rows, -1).t()).t()
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.contiguous().view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, self.bias)
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout with a faster CPU path. CPU ``bernoulli_`` costs ~40 ns per element (more than
     a bf16 GPT-B layer's matmuls spend per element of activation), so on the CPU the keep mask is
@@ -91,20 +117,18 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head = n_head, n_kv_head
         self.head_dim = dim // n_head
         self.attn_dropout = attn_dropout
-        self.wqkv = nn.Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
-        self.wo = nn.Linear(n_head * self.head_dim, dim, bias=False)
+        self.wqkv = Linear(dim, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(n_head * self.head_dim, dim, bias=False)
         # SDPA's GQA flag only when needed (it may select a slower kernel).
         self._sdpa_kw = {"enable_gqa": True} if n_kv_head != n_head else {}
 
     def _qkv(self, x, cos, sin):
-        B, T, _ = x.shape
-        hd = self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd], -1)
-        q = q.view(B, T, self.n_head, hd)
-        k = k.view(B, T, self.n_kv_head, hd)
-        v = v.view(B, T, self.n_kv_head, hd)
+        H, Hk = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).unflatten(-1, (H + 2 * Hk, self.head_dim))    # [B, T, heads, hd]
+        qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]
         if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos, sin)   # q and k rotated in one pass (half the elementwise ops)
+        q, k = qk.split([H, Hk], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _out(self, o: torch.Tensor) -> torch.Tensor:
@@ -134,8 +158,8 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.hidden = hidden
-        self.w13 = nn.Linear(dim, 2 * hidden, bias=False)   # [gate; up] in one matmul
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w13 = Linear(dim, 2 * hidden, bias=False)   # [gate; up] in one matmul
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x):
         a, b = self.w13(x).split(self.hidden, -1)

@@ -31,7 +31,7 @@ from groupgen.config import from_dict
 from groupgen.layout import LayoutError, TokenLayout
 
 from .heads import IndependentHeads, Pick, SubtokenHead, compute_dtype
-from .layers import Block, Dropout, RMSNorm, ffn_hidden, init_weights, rope_angles_1d, rope_angles_2d
+from .layers import Block, Dropout, Linear, RMSNorm, ffn_hidden, init_weights, rope_angles_1d, rope_angles_2d
 
 
 @dataclass
@@ -152,7 +152,7 @@ class GPT(nn.Module):
         else:
             e = cfg.group_embed_dim or max(1, dim // G)
             self.tok_embed = nn.Embedding(sum(K), e)
-            self.in_proj = nn.Linear(G * e, dim, bias=False)
+            self.in_proj = Linear(G * e, dim, bias=False)
         use_pos = cfg.pos_embed == "learned" or (cfg.pos_embed == "auto" and layout.per_position_codebook)
         self.pos_embed = nn.Parameter(torch.zeros(L, dim)) if use_pos else None
         self.tok_dropout = Dropout(cfg.token_dropout)

@@ -39,11 +39,13 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def build_ours(S: dict, G: int = 1, head: str = "independent", subtoken_dim: int = 0) -> GPT:
+def build_ours(S: dict, G: int = 1, head: str = "independent", subtoken_dim: int = 0,
+               subtoken_layers: int = 2) -> GPT:
     K = (S["vocab"],) if G == 1 else (S["g8_K"],) * G
     layout = TokenLayout(kind="grid", L=S["grid"] ** 2, K=K, h=S["grid"], w=S["grid"])
     # LlamaGen's GPT-B defaults: dropout 0.1 on tokens, residual and FFN; class dropout 0.1.
-    over = dict(dim=S["dim"], n_layer=S["n_layer"], n_head=S["n_head"], head=head, subtoken_dim=subtoken_dim)
+    over = dict(dim=S["dim"], n_layer=S["n_layer"], n_head=S["n_head"], head=head, subtoken_dim=subtoken_dim,
+                subtoken_layers=subtoken_layers)
     if S["preset"] != "B":
         over["multiple_of"] = 256
     return GPT(gpt_config(S["preset"], **over), layout, S["classes"])
@@ -266,8 +268,10 @@ def main(argv=None) -> dict:
 
     g8 = {}
     if "g8" in parts:
+        narrow = max(S["dim"] // 3, 32)
         g8 = {"G8-sub": build_ours(S, G=8, head="subtoken"),
-              "G8-sub256": build_ours(S, G=8, head="subtoken", subtoken_dim=max(S["dim"] // 3, 32))}
+              "G8-sub256": build_ours(S, G=8, head="subtoken", subtoken_dim=narrow),
+              "G8-sub256-L1": build_ours(S, G=8, head="subtoken", subtoken_dim=narrow, subtoken_layers=1)}
         for m in g8.values():
             randomize_heads(m)
 
@@ -285,6 +289,7 @@ def main(argv=None) -> dict:
                                 for (n, t), m in zip(times.items(), (ours, lg))}
             R["train"][prec]["ratio_ours_over_llamagen"] = median(times["llamagen"]) / median(times["ours"])
             log(json.dumps(R["train"][prec]))
+            write_json(a.json, R)   # partial results survive a run cut short
         del opts
     if "g8" in parts and "train" in parts:
         log("[train bf16] G=1 vs G=8 sub-token head")
@@ -294,6 +299,7 @@ def main(argv=None) -> dict:
         R["train_g8"] = {n: {"s": spread(t), "tok_s": tok_s(t), "ratio_vs_G1": median(t) / median(times["G1"])}
                          for n, t in times.items()}
         log(json.dumps(R["train_g8"]))
+        write_json(a.json, R)   # partial results survive a run cut short
         del cases
 
     ours.eval(), lg.eval()
@@ -313,6 +319,7 @@ def main(argv=None) -> dict:
             R["sample"][prec] = {n: {"s": spread(t), "img_s": S["batch"] / median(t)} for n, t in times.items()}
             R["sample"][prec]["ratio_ours_over_llamagen"] = median(times["llamagen"]) / median(times["ours"])
             log(json.dumps(R["sample"][prec]))
+            write_json(a.json, R)   # partial results survive a run cut short
         del lg_bf16
     if "g8" in parts and "sample" in parts:
         log("[sample bf16] G=1 vs G=8 sub-token head")
@@ -322,6 +329,7 @@ def main(argv=None) -> dict:
         R["sample_g8"] = {n: {"s": spread(t), "img_s": S["batch"] / median(t),
                               "ratio_vs_G1": median(t) / median(times["G1"])} for n, t in times.items()}
         log(json.dumps(R["sample_g8"]))
+        write_json(a.json, R)   # partial results survive a run cut short
     if "pos" in parts:
         # (c) per-token cost along the sequence: ours from per-position timestamps of whole runs,
         # LlamaGen from single decode steps at the two positions (its cache is fully masked).
@@ -343,6 +351,7 @@ def main(argv=None) -> dict:
         t_lo, t_hi = median(times[f"lg@{lo[0]}"]), median(times[f"lg@{hi[1]}"])
         R["pos"]["llamagen_fp32"] = dict(llamagen_ms_lo=1e3 * t_lo, llamagen_ms_hi=1e3 * t_hi, llamagen_growth=t_hi / t_lo)
         log(json.dumps(R["pos"]))
+        write_json(a.json, R)   # partial results survive a run cut short
     if "profile" in parts:
         run_ours = ours_sampler(ours, S, "bf16", S["top_k"])
         R["profile_sample_bf16"] = profile_table(run_ours, rows=12)
@@ -364,6 +373,7 @@ def main(argv=None) -> dict:
                 {"spec": spec, "error": out.stderr[-500:]}
             R["rss"].append(row)
             log(json.dumps(row))
+            write_json(a.json, R)   # partial results survive a run cut short
     R["peak_gflops"] = peak
     R["machine_end"] = machine_info(a.threads)
     write_json(a.json, R)

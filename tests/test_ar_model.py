@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ar_model import GPT, GPT_PRESETS, GPTConfig, ar_meta, gpt_config, load_ar, param_groups
-from ar_model.layers import Dropout, apply_rope, rope_angles_2d
+from ar_model.layers import Dropout, Linear, apply_rope, rope_angles_2d
 from groupgen.checkpoint import CheckpointError, save_checkpoint
 from groupgen.config import load_config
 from groupgen.layout import LayoutError, TokenLayout
@@ -308,6 +308,27 @@ def test_bf16_autocast_decoding_close_to_fp32():
         for lg, pos in ((got, 0), (got1, 1)):
             err = (lg[g].float() - ref[g][:, pos]).abs().max().item()
             assert err < 0.05 * ref[g][:, pos].abs().max().item() + 0.05
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_decode_path_equals_f_linear(bias):
+    torch.manual_seed(0)
+    lin = Linear(48, 80, bias=bias)
+    with torch.no_grad():
+        if bias:
+            lin.bias.normal_()
+        for shape in [(16, 48), (8, 1, 48), (2, 3, 48)]:     # rows 16, 8, 6: the weight-major path
+            x = torch.randn(*shape)
+            y = lin(x)
+            ref = F.linear(x, lin.weight, lin.bias)
+            assert y.shape == ref.shape and y.is_contiguous()
+            assert (y - ref).abs().max().item() < 1e-5
+            assert not torch.equal(y, torch.zeros_like(y))
+        x = torch.randn(100, 48)                              # too many rows: F.linear itself
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    x = torch.randn(16, 48, requires_grad=True)               # autograd: F.linear itself
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == ({"weight", "bias"} if bias else {"weight"})
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
