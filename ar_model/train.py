@@ -41,7 +41,7 @@ import torch
 from ar_model.checkpointing import check_resume_meta, find_resume, save_training_checkpoint, vet_engine_files
 from ar_model.data import TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
-from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, param_groups
+from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
 from groupgen import checkpoint as ckpt
 from groupgen.config import ConfigError, load_config, save_config, to_dict
 from groupgen.runs import MetricsLog, Timer, progress, read_jsonl, seed_everything, set_threads
@@ -284,7 +284,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     torch.manual_seed(tc.seed * 1_000_003 + 7919 * (rank + 1))   # per-rank dropout / class-drop stream
     n_params = gpt.num_params()
     lam = lr_lambda(tc)
-    opt = torch.optim.AdamW(param_groups(gpt, tc.weight_decay), lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+    opt = make_adamw(gpt, tc.lr, tc.betas, tc.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=_LossModule(gpt), optimizer=opt, config=ds_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))

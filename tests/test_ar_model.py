@@ -239,6 +239,33 @@ def test_2d_rope_rows_and_columns():
     assert not torch.allclose(ra[0] @ rb[w + 1], ra[0] @ rb[2], atol=1e-3)
 
 
+def _rope_pairs(x, cos, sin):
+    """Reference rotation of interleaved pairs, written out."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_equals_pair_rotation_values_and_grads(dtype):
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 5, 7, 8, generator=g)            # [B, T, heads, hd]; rotate a strided slice
+    ang = torch.randn(5, 4, generator=g)
+    cos, sin = ang.cos(), ang.sin()
+    base = qkv.to(dtype).clone().requires_grad_()
+    y = apply_rope(base[:, :, 1:5], cos, sin)
+    assert y.dtype == dtype and y.shape == (2, 5, 4, 8)
+    ref_base = qkv.clone().requires_grad_()
+    ref = _rope_pairs(ref_base[:, :, 1:5], cos, sin)
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert (y.float() - ref).abs().max().item() < tol
+    w = torch.randn(2, 5, 4, 8, generator=g)
+    (y.float() * w).sum().backward()
+    (ref * w).sum().backward()
+    assert (base.grad.float() - ref_base.grad).abs().max().item() < tol
+    assert torch.all(base.grad[:, :, [0, 5, 6]] == 0)      # outside the slice: untouched
+
+
 @pytest.mark.parametrize("preset,expected", [("B", 111e6), ("L", 343e6), ("XL", 775e6), ("XXL", 1.4e9),
                                              ("3B", 3.1e9)])
 def test_preset_param_counts(preset, expected):
