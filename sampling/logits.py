@@ -63,7 +63,8 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
     K = logits.shape[-1]
     idx = None
     if 0 < s.top_k < K:
-        logits, idx = torch.topk(logits, s.top_k, dim=-1)      # sorted, descending
+        # Only top-p needs the kept logits in order; an unsorted top-k is ~1.5x cheaper.
+        logits, idx = torch.topk(logits, s.top_k, dim=-1, sorted=s.top_p < 1.0)
         if s.top_p < 1.0:
             logits = logits.masked_fill(top_p_mask(logits, s.top_p), float("-inf"))
     elif s.top_p < 1.0:
