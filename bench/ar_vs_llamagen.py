@@ -111,7 +111,8 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     from sampling.logits import GroupPicker, GroupSettings
     from sampling.sample import Plan, SamplingConfig, generate_codes, model_for_precision
 
-    model = model_for_precision(copy.deepcopy(model), precision) if precision == "bf16" else model
+    if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
+        model = model_for_precision(copy.deepcopy(model), precision)   # keep the caller's fp32 model
     labels = torch.arange(S["batch"]) % S["classes"]
     G, L = model.layout.G, model.layout.L
     settings = [GroupSettings(top_k=top_k)] * G
@@ -199,11 +200,11 @@ def rss_child(spec: str, S: dict, llamagen: str) -> dict:
             case()
     else:
         model.eval()
+        if precision == "bf16":
+            model = model.to(torch.bfloat16)   # both cast the weights once (LlamaGen: sample_c2i.py)
         if impl == "ours":
             run = ours_sampler(model, S, precision, S["top_k"])
         else:
-            if precision == "bf16":
-                model = model.to(torch.bfloat16)   # LlamaGen's sample_c2i.py casts the weights
             run = llamagen_sampler(lg_generate, model, S, S["top_k"])
         run()   # the peak is reached in the first run (cache and logits are allocated per run)
     return {"spec": spec, "baseline_mb": round(base, 1), "peak_mb": round(hwm_mb(), 1)}

@@ -1,13 +1,13 @@
 """The main job end to end on a tiny budget: every artefact exists and is valid; re-runs reuse stages."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
+
+from _env import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,10 +26,7 @@ TINY = [
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "groupgen.main", "--config", str(ROOT / "configs/main/fmnist.yaml"),
            f"out={out}", *TINY, *extra]
-    # a fresh single process: no launcher variables inherited from in-process DeepSpeed runs of other tests
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", GROUPGEN_QUIET="1", GROUPGEN_CACHE=str(out.parent / "cache"))
+    env = child_env(GROUPGEN_CACHE=str(out.parent / "cache"))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 

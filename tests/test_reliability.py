@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from _env import child_env
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_state, load_tensors, resolve_checkpoint,
                                  save_checkpoint)
 from groupgen.config import load_config, to_dict
@@ -62,15 +63,6 @@ def ar_argv(store, run, *extra):
 
 
 # ------------------------------------------------------------------------------------- processes
-def child_env(**extra) -> dict:
-    # A launcher's (or an in-process DeepSpeed test's) rank/port variables must not leak into children.
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", GROUPGEN_QUIET="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), **extra)
-    return env
-
-
 def start(argv, logs: Path, helper=None) -> subprocess.Popen:
     cmd = [sys.executable, *([HELPER, *helper] if helper is not None else []), *argv]
     with open(f"{logs}.out", "w") as o, open(f"{logs}.err", "w") as e:
