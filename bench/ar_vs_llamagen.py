@@ -45,7 +45,7 @@ def build_ours(S: dict, G: int = 1, head: str = "independent", subtoken_dim: int
     layout = TokenLayout(kind="grid", L=S["grid"] ** 2, K=K, h=S["grid"], w=S["grid"])
     # LlamaGen's GPT-B defaults: dropout 0.1 on tokens, residual and FFN; class dropout 0.1.
     over = dict(dim=S["dim"], n_layer=S["n_layer"], n_head=S["n_head"], head=head, subtoken_dim=subtoken_dim,
-                subtoken_layers=subtoken_layers)
+                subtoken_layers=subtoken_layers, n_kv_head=S.get("n_kv_head"))
     if S["preset"] != "B":
         over["multiple_of"] = 256
     return GPT(gpt_config(S["preset"], **over), layout, S["classes"])
@@ -240,12 +240,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--sample-warmup", type=int, default=1, help="untimed generations per case first")
     ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                     help="cpu: process CPU seconds (use with --threads 1 on a crowded machine)")
+    ap.add_argument("--n-kv-head", type=int, default=0,
+                    help="grouped-query attention for OUR models only (changes the model; e.g. with --parts pos)")
     ap.add_argument("--json", default="", help="write all numbers here")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     set_clock(a.clock)
-    S = QUICK if a.quick else FULL
+    S = dict(QUICK if a.quick else FULL, n_kv_head=a.n_kv_head or None)
     if a.rss_child:
         print(json.dumps(rss_child(a.rss_child, S, a.llamagen)))
         return {}
