@@ -30,7 +30,7 @@ from groupgen.checkpoint import CheckpointError, load_meta, load_tensors, resolv
 from groupgen.config import from_dict
 from groupgen.layout import LayoutError, TokenLayout
 
-from .heads import IndependentHeads, Pick, SubtokenHead, compute_dtype
+from .heads import IndependentHeads, Pick, SubtokenHead
 from .layers import Block, Dropout, Linear, RMSNorm, ffn_hidden, init_weights, rope_angles_1d, rope_angles_2d
 
 
@@ -244,8 +244,7 @@ class GPT(nn.Module):
                 t = t + self.pos_embed[: L - 1]
             x = torch.cat([x, t.to(x.dtype)], dim=1)
         x = self.tok_dropout(x)
-        dt = compute_dtype(x)   # cast the tables once, not in every layer
-        cos, sin = self.rope_cos[:L].to(dt), self.rope_sin[:L].to(dt)
+        cos, sin = self.rope_cos[:L], self.rope_sin[:L]   # kept fp32: apply_rope rotates in fp32
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.norm(x)
@@ -285,8 +284,7 @@ class GPT(nn.Module):
         if x.shape[0] != self._kv[0][0].shape[0]:
             raise ValueError(f"batch {x.shape[0]} does not match the KV cache batch {self._kv[0][0].shape[0]}")
         x = self.tok_dropout(x)
-        dt = compute_dtype(x)
-        cos, sin = self.rope_cos[idx : idx + 1].to(dt), self.rope_sin[idx : idx + 1].to(dt)
+        cos, sin = self.rope_cos[idx : idx + 1], self.rope_sin[idx : idx + 1]
         for layer, (kc, vc) in zip(self.layers, self._kv):
             x = layer.step(x, cos, sin, kc, vc, idx)
         self._filled = idx + 1
