@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from bench.common import (REPO, hwm_mb, now, interleave, linear_params, machine_info, matmul_peak_gflops, median,
+from bench.common import (REPO, hwm_mb, now, interleave, machine_info, matmul_peak_gflops, median,
                           profile_table, rss_mb, set_clock, spread, train_flops, write_json)
 
 from ar_model.model import GPT, gpt_config, make_adamw
