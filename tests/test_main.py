@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _env import child_env
+from _env import REPO, child_env
 
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "threads=1",
@@ -24,10 +23,10 @@ TINY = [
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "groupgen.main", "--config", str(ROOT / "configs/main/fmnist.yaml"),
+    cmd = [sys.executable, "-m", "groupgen.main", "--config", str(REPO / "configs/main/fmnist.yaml"),
            f"out={out}", *TINY, *extra]
     env = child_env(GROUPGEN_CACHE=str(out.parent / "cache"))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_main_job_tiny_budget(tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from _env import child_env
+from _env import REPO, child_env
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_state, load_tensors, resolve_checkpoint,
                                  save_checkpoint)
 from groupgen.config import load_config, to_dict
@@ -35,7 +35,6 @@ from groupgen.runs import MetricsLog, read_jsonl
 from groupgen.tokens import TokenStore, TokenStoreError, TokenStoreWriter
 
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
 HELPER = str(Path(__file__).with_name("_kill_helpers.py"))
 SEED = int(os.environ.get("RELIABILITY_SEED") or random.SystemRandom().randrange(1 << 30))
 WHY = f"(replay with RELIABILITY_SEED={SEED})"
