@@ -32,6 +32,7 @@ from groupgen.layout import LayoutError, TokenLayout
 
 from .heads import IndependentHeads, Pick, SubtokenHead
 from .layers import Block, Dropout, Linear, RMSNorm, ffn_hidden, init_weights, rope_angles_1d, rope_angles_2d
+from .loss import cross_entropy
 
 
 @dataclass
@@ -258,7 +259,7 @@ class GPT(nn.Module):
     def loss(self, codes: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean over groups of the position-averaged CE, per-group CE [G] detached); fp32 CE."""
         logits = self(codes, labels)
-        per = torch.stack([F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), codes[..., g].reshape(-1).long())
+        per = torch.stack([cross_entropy(lg.reshape(-1, lg.shape[-1]), codes[..., g].reshape(-1))
                            for g, lg in enumerate(logits)])
         return per.mean(), per.detach()
 
