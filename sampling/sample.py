@@ -199,17 +199,22 @@ def generate_codes(model, labels: torch.Tensor, plan: Plan, cfg: SamplingConfig,
                          plan.guided, generator)
     cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     out = torch.empty(B, L, G, dtype=torch.long, device=device)
-    with autocast(device, cfg.precision):
-        model.init_cache(lab.shape[0], device, cache_dtype)
-        h = model.prefill(lab)
-        for pos in range(L):
-            picker.pos = pos
-            codes_t = model.sample_position(h, picker)
-            out[:, pos] = codes_t[:B]
-            if pos + 1 < L:
-                h = model.decode(codes_t, pos)
-    if hasattr(model, "clear_cache"):
-        model.clear_cache()
+    was_training = model.training
+    model.eval()   # no dropout, no class dropout while sampling, whatever mode the caller left
+    try:
+        with autocast(device, cfg.precision):
+            model.init_cache(lab.shape[0], device, cache_dtype)
+            h = model.prefill(lab)
+            for pos in range(L):
+                picker.pos = pos
+                codes_t = model.sample_position(h, picker)
+                out[:, pos] = codes_t[:B]
+                if pos + 1 < L:
+                    h = model.decode(codes_t, pos)
+    finally:
+        if hasattr(model, "clear_cache"):
+            model.clear_cache()
+        model.train(was_training)
     return out
 
 

@@ -203,6 +203,27 @@ def test_cfg_scale_1_is_unguided_conditional_sampling(models):
     assert torch.equal(_codes(models, "subtoken", cfg_scale=1.0, cfg_schedule="linear")[0], codes)
 
 
+def test_sampling_runs_in_eval_mode_and_restores_the_mode(models):
+    """A model left in training mode (dropout, class dropout) samples exactly as in eval mode."""
+    cfg = SamplingConfig(per_class=2, batch_size=6)
+    m, plan = load_models(models["independent"], cfg=cfg)
+    labels = torch.from_numpy(plan.labels)
+    ref = generate_codes(m.model, labels, plan, cfg, torch.Generator().manual_seed(5), CPU)
+    drops = [d for d in m.model.modules() if isinstance(d, torch.nn.Dropout)]
+    assert drops
+    old_p = [d.p for d in drops]
+    for d in drops:
+        d.p = 0.5
+    m.model.train()
+    try:
+        got = generate_codes(m.model, labels, plan, cfg, torch.Generator().manual_seed(5), CPU)
+        assert m.model.training and torch.equal(got, ref)
+    finally:
+        m.model.eval()
+        for d, p in zip(drops, old_p):
+            d.p = p
+
+
 # --- end to end: files, seeds, shards, resume --------------------------------------------------------
 def _npz(path):
     with np.load(path) as z:
