@@ -4,11 +4,12 @@ Pre-norm RMSNorm (fp32 inside), fused-qkv attention with optional GQA and rotary
 (interleaved pairs, as LlamaGen), SwiGLU with the gate and up projections fused in one matmul.
 Two attention paths: ``forward`` over a whole causal sequence (``causal_attention``), and ``step``
 that writes one token into a preallocated cache and attends to the filled prefix only (no mask).
-Linear layers are ``Linear`` (an ``nn.Linear`` with a faster CPU path for decode-sized inputs).
+Linear layers are ``Linear`` (an ``nn.Linear`` that packs its weight once for CPU decoding).
 """
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -59,29 +60,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 
+def _pack_weight(w: torch.Tensor, rows: int):
+    """``w`` reordered once into the CPU GEMM's own blocked layout (oneDNN for bf16, MKL's packed
+    GEMM for fp32), or None where this PyTorch build has no such kernel."""
+    try:
+        if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+            return torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        if w.dtype == torch.float32 and torch.backends.mkl.is_available():
+            return torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        pass
+    return None
+
+
+# Packed weights live outside the modules (so deepcopy, .to() and state_dict never see them), one per
+# Linear, dropped with the module or by Linear.release_packed() (GPT.clear_cache after sampling).
+_PACKED: "weakref.WeakKeyDictionary[Linear, tuple]" = weakref.WeakKeyDictionary()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) with a faster CPU inference path.
 
-    For a handful of rows in fp32, MKL's ``x @ W^T`` kernel is far from both the bandwidth and the
-    compute limit; the same product taken as ``(W @ x^T)^T`` runs 1.1-1.4x faster at 4-32 rows
-    and slower outside that range (GPT-B decode shapes; ``bench/decode_linear.py``). That is the
-    KV-cached decode step (batch x 2 for guidance). Taken only without autograd, so training is
-    unchanged; bf16 gains nothing reliable and keeps ``F.linear``.
+    ``F.linear`` on the CPU brings the weight into the GEMM kernel's blocked layout on every call.
+    At decode sizes (a few rows: batch x 2 for guidance) that reorder is a large part of the cost,
+    since each call reads its whole weight anyway. Without autograd, for up to ``MAX_ROWS`` rows,
+    this layer packs its weight once (oneDNN for bf16, MKL packed GEMM for fp32) and reuses it
+    until the weight or the row count changes or ``release_packed()`` is called. Results equal
+    ``F.linear`` up to the order of the fp32 accumulation; GPT-B decode linears run 1.5-1.9x faster
+    (``bench/decode_linear.py``). Training, GPUs and larger inputs use ``F.linear``.
     """
 
-    ROWS = (4, 32)   # fast path for this many rows (inclusive)
+    MAX_ROWS = 64
+    MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}   # below: F.linear is as fast (decode_linear.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+        if (x.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled()
+                and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype)):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if self.ROWS[0] <= rows <= self.ROWS[1]:
-                y = torch.mm(w, x.reshape(rows, -1).t()).t()
-                if self.bias is not None:
-                    y = y + self.bias
-                return y.contiguous().view(*x.shape[:-1], w.shape[0])
+            if 0 < rows <= self.MAX_ROWS:
+                y = self._packed_linear(x.reshape(rows, x.shape[-1]), rows)
+                if y is not None:
+                    return y.view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
+
+    def _packed_linear(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        w, b = self.weight, self.bias
+        if b is not None and b.dtype != w.dtype:
+            return None
+        if rows < self.MIN_ROWS.get(w.dtype, 1 << 30):
+            return None   # F.linear's GEMV-like path is as fast or faster
+        # Packed for one row count (MKL's packed GEMM requires it; for oneDNN the layout it picks, and
+        # so the rounding, depends on it): results depend only on the input, never on earlier calls.
+        key = (w.data_ptr(), w._version, w.dtype, rows)
+        hit = _PACKED.get(self)
+        if hit is None or hit[0] != key:
+            hit = (key, _pack_weight(w, rows))
+            _PACKED[self] = hit
+        packed = hit[1]
+        if packed is None:
+            return None
+        if w.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
+        return torch.ops.mkl._mkl_linear(x.contiguous(), packed, w, b, rows)
+
+    def release_packed(self) -> None:
+        _PACKED.pop(self, None)
 
 
 class Dropout(nn.Dropout):

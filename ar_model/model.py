@@ -277,7 +277,11 @@ class GPT(nn.Module):
         self._filled = 0
 
     def clear_cache(self) -> None:
+        """Free the KV cache and the decode-time packed weights (``layers.Linear``)."""
         self._kv, self._filled = None, 0
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.release_packed()
 
     def _step(self, x: torch.Tensor, idx: int) -> torch.Tensor:
         if self._kv is None:

@@ -1,4 +1,4 @@
-"""Environment for child processes started by tests (shared by test_main and test_reliability)."""
+"""Environment for child processes started by tests (shared by test_main and the reliability harness)."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""Test-only launcher for tests/test_reliability.py: run a CLI under fault injection, or many CLIs in one process.
+"""Test-only launcher for the reliability tests (tests/_campaign.py): run a CLI under fault injection, or many CLIs in one process.
 
     python tests/_kill_helpers.py [--delay DOTTED=SECONDS ...] [--hang-save N MARKER] -m MODULE [ARGS ...]
     python tests/_kill_helpers.py --batch CASES.json RESULTS.json

@@ -1,4 +1,5 @@
 """Stage-2 GPT: KV-cache decoding == full forward, heads, class dropout, losses, RoPE, presets, I/O."""
+import copy
 import math
 
 import pytest
@@ -337,25 +338,53 @@ def test_bf16_autocast_decoding_close_to_fp32():
             assert err < 0.05 * ref[g][:, pos].abs().max().item() + 0.05
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_decode_path_equals_f_linear(bias):
+def test_linear_packed_decode_path_equals_f_linear(bias, dtype):
+    from ar_model.layers import _PACKED
     torch.manual_seed(0)
-    lin = Linear(48, 80, bias=bias)
+    lin = Linear(48, 80, bias=bias).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     with torch.no_grad():
         if bias:
             lin.bias.normal_()
-        for shape in [(16, 48), (8, 1, 48), (2, 3, 48)]:     # rows 16, 8, 6: the weight-major path
-            x = torch.randn(*shape)
+        for shape in [(16, 48), (8, 1, 48), (2, 3, 48), (64, 48)]:     # decode sizes: the packed path
+            x = torch.randn(*shape).to(dtype)
             y = lin(x)
             ref = F.linear(x, lin.weight, lin.bias)
-            assert y.shape == ref.shape and y.is_contiguous()
-            assert (y - ref).abs().max().item() < 1e-5
+            assert y.shape == ref.shape and y.dtype == dtype and y.is_contiguous()
+            assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < tol
             assert not torch.equal(y, torch.zeros_like(y))
-        x = torch.randn(100, 48)                              # too many rows: F.linear itself
-        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-    x = torch.randn(16, 48, requires_grad=True)               # autograd: F.linear itself
-    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        packed = _PACKED[lin]
+        lin(torch.randn(64, 48).to(dtype))
+        assert _PACKED[lin] is packed                         # same rows, same weight: reused
+        lin.weight.mul_(2.0)                                  # an in-place update invalidates it
+        x = torch.randn(64, 48).to(dtype)
+        assert ((lin(x).float() - F.linear(x, lin.weight, lin.bias).float()).abs().max()
+                / F.linear(x, lin.weight, lin.bias).float().abs().max()).item() < tol
+        assert _PACKED[lin] is not packed
+        copy.deepcopy(lin)                                    # the pack lives outside the module
+        lin.release_packed()
+        assert lin not in _PACKED
+        x = torch.randn(100, 48).to(dtype)                    # too many rows: F.linear itself
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias)) and lin not in _PACKED
+    x = torch.randn(16, 48, requires_grad=True).to(dtype)     # autograd: F.linear itself
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias)) and lin not in _PACKED
     assert isinstance(lin, torch.nn.Linear) and set(lin.state_dict()) == ({"weight", "bias"} if bias else {"weight"})
+
+
+def test_clear_cache_releases_packed_weights():
+    from ar_model.layers import _PACKED
+    lay = TokenLayout("grid", 4, (5, 3), 2, 2)
+    m = make(lay, head="subtoken")
+    with torch.no_grad():
+        m.init_cache(4)
+        h = m.prefill(torch.tensor([0, 1, 2, 0]))
+        m.sample_position(h, lambda g, lg: lg.argmax(-1))
+    lins = [x for x in m.modules() if isinstance(x, Linear)]
+    assert any(x in _PACKED for x in lins)
+    m.clear_cache()
+    assert not any(x in _PACKED for x in lins)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

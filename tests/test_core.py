@@ -72,8 +72,6 @@ def test_checkpoint_roundtrip_and_latest(tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     ck.save_checkpoint(tmp_path, 1, _tensors(1), {"k": 1})
-    import safetensors.torch as st
-
     calls = {"n": 0}
     real = ck.save_file
 

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from eval import fidelity as fd
-from eval.domain import (DomainConfig, DomainExtractor, class_conditional_accuracy, load_or_train, predict,
+from eval.domain import (DomainConfig, DomainExtractor, class_conditional_accuracy, load_or_train,
                          register_with_torch_fidelity)
 from eval.fidelity import EvalError
 from eval.generation import GenEvalConfig, evaluate_samples
