@@ -19,7 +19,7 @@ class _BlockedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         N, V = logits.shape
-        rows = max(1, BLOCK_ELEMS // max(V, 1))
+        ctx.rows = rows = max(1, BLOCK_ELEMS // max(V, 1))
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)
         total = torch.zeros((), dtype=torch.float64, device=logits.device)
         for i in range(0, N, rows):
@@ -33,8 +33,7 @@ class _BlockedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         logits, target, lse = ctx.saved_tensors
-        N, V = logits.shape
-        rows = max(1, BLOCK_ELEMS // max(V, 1))
+        N, rows = logits.shape[0], ctx.rows
         grad = torch.empty_like(logits)
         scale = grad_out.float() / N
         for i in range(0, N, rows):
