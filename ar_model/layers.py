@@ -3,8 +3,9 @@
 Pre-norm RMSNorm (fp32 inside), fused-qkv attention with optional GQA and rotary embeddings
 (interleaved pairs, as LlamaGen), SwiGLU with the gate and up projections fused in one matmul.
 Two attention paths: ``forward`` over a whole causal sequence (``causal_attention``), and ``step``
-that writes one token into a preallocated cache and attends to the filled prefix only (no mask).
-Linear layers are ``Linear`` (an ``nn.Linear`` that packs its weight once for CPU decoding).
+that writes one token into a preallocated cache and attends to the filled prefix only (no mask;
+on the CPU with ``cpu_decode``'s kernel where it is built). Linear layers are ``Linear`` (an
+``nn.Linear`` that packs its weight once for CPU decoding).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ar_model import cpu_decode
 
 
 def ffn_hidden(dim: int, ffn_mult: float, multiple_of: int) -> int:
@@ -95,6 +98,9 @@ class Linear(nn.Linear):
     # missing from MIN_ROWS have no packed kernel.
     MAX_ROWS = 64
     MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}
+    # fp32 rows taken by cpu_decode's kernel where it is built; MKL's packed GEMM wins above
+    # (bench/decode_linear.py: 64 rows 74 vs 87 ms, 16 rows 35 vs 27 ms).
+    KERNEL_MAX_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -113,14 +119,20 @@ class Linear(nn.Linear):
             return None
         # Packed for one row count (MKL's packed GEMM requires it; for oneDNN the layout it picks, and
         # so the rounding, depends on it): results depend only on the input, never on earlier calls.
-        key = (w.data_ptr(), w._version, w.dtype, rows)
+        # fp32 at up to KERNEL_MAX_ROWS rows: groupgen's own kernel, whose layout does not depend on
+        # the row count.
+        kernel = (w.dtype == torch.float32 and rows <= self.KERNEL_MAX_ROWS
+                  and cpu_decode.kernels() is not None)
+        key = (w.data_ptr(), w._version, w.dtype, "kernel" if kernel else rows)
         hit = _PACKED.get(self)
         if hit is None or hit[0] != key:
-            hit = (key, _pack_weight(w, rows))
+            hit = (key, cpu_decode.pack(w) if kernel else _pack_weight(w, rows))
             _PACKED[self] = hit
         packed = hit[1]
         if packed is None:
             return None
+        if kernel:
+            return cpu_decode.linear(x, packed, b, w.shape[0])
         if w.dtype == torch.bfloat16:
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
         return torch.ops.mkl._mkl_linear(x.contiguous(), packed, w, b, rows)
@@ -243,8 +255,12 @@ class Attention(nn.Module):
         kc[:, :, idx : idx + 1] = k
         vc[:, :, idx : idx + 1] = v
         # The query is the newest token, so the filled prefix needs no mask.
-        o = F.scaled_dot_product_attention(q.to(kc.dtype), kc[:, :, : idx + 1], vc[:, :, : idx + 1],
-                                           **self._sdpa_kw)
+        q = q.to(kc.dtype)
+        o = None
+        if kc.device.type == "cpu" and not torch.is_grad_enabled():
+            o = cpu_decode.attention(q, kc, vc, idx + 1)
+        if o is None:
+            o = F.scaled_dot_product_attention(q, kc[:, :, : idx + 1], vc[:, :, : idx + 1], **self._sdpa_kw)
         return self._out(o)
 
 

@@ -1,0 +1,99 @@
+"""Hand-written AVX-512 kernels for CPU decoding (``cpu_decode.cpp``), built once on first use.
+
+Two kernels, both for inference only:
+- ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against an
+  fp32 weight packed once by ``pack(w)``. MKL's packed sgemm streams a GPT-B step's 444 MB of
+  weights at ~10-12 GB/s on 2 cores; this kernel, with software prefetch, at ~13-14.
+- ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
+  cache. SDPA reads the cache at 5-11 GB/s; this kernel at ~15-16 (``bench/decode_kernels.py``).
+
+The build needs x86-64 with AVX-512F, a C++ compiler and ninja (``torch.utils.cpp_extension``,
+which DeepSpeed's JIT ops use too). It is cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a directory named by a hash of the source, so an edited source
+rebuilds. Where the build is impossible or fails, ``kernels()`` returns None after one warning and
+callers keep their PyTorch path. ``GROUPGEN_CPU_KERNELS=0`` turns the kernels off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp"]
+_state: dict = {"tried": False, "ext": None, "why": ""}
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        return any("avx512f" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def unavailable_reason() -> str:
+    """Why the kernels cannot be used here, or '' when they can be built and loaded."""
+    kernels()
+    return _state["why"]
+
+
+def kernels():
+    """The compiled extension module, or None (after one warning if a build was attempted)."""
+    if _state["tried"]:
+        return _state["ext"]
+    _state["tried"] = True
+    if os.environ.get("GROUPGEN_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+        _state["why"] = "turned off by GROUPGEN_CPU_KERNELS"
+    elif platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx512f():
+        _state["why"] = "this CPU has no AVX-512F"
+    else:
+        try:
+            _state["ext"] = _build()
+        except Exception as e:  # a compiler or ninja missing, or a failed build: keep PyTorch's path
+            _state["why"] = f"build failed: {type(e).__name__}: {str(e).strip()[-400:]}"
+            warnings.warn(f"groupgen: CPU decode kernels unavailable ({_state['why']}); using PyTorch ops. "
+                          "Set GROUPGEN_CPU_KERNELS=0 to skip the build.", RuntimeWarning, stacklevel=2)
+    return _state["ext"]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    name = f"groupgen_cpu_decode_{digest.hexdigest()[:12]}"
+    root = Path(cpp_extension.get_default_build_root())
+    if not any(root.glob(f"**/{name}/{name}.so")):
+        print(f"groupgen: building the CPU decode kernels once (about a minute) under {root}",
+              file=sys.stderr, flush=True)
+    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                              verbose=False)
+
+
+def pack(w: torch.Tensor) -> torch.Tensor:
+    """fp32 weight [N, K] -> [ceil(N/16), K, 16], the layout ``linear`` streams."""
+    return kernels().pack_f32(w.detach().contiguous())
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [M, K] fp32 -> x @ W^T (+ bias) [M, n] with W packed by ``pack``."""
+    return kernels().linear_f32(x.contiguous(), packed, bias, n)
+
+
+def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n: int) -> torch.Tensor | None:
+    """Scaled dot-product attention of q [B, H, 1, D] over ``kc``/``vc`` [B, Hk, T, D] rows 0..n-1
+    (no mask: the query is the newest position). Returns [B, H, 1, D] in the cache dtype, or None
+    where the kernel does not apply (no kernels, head_dim not 16/32/64/128, other dtypes, strided
+    caches), so the caller falls back to SDPA."""
+    ext = kernels()
+    D = q.shape[-1]
+    if (ext is None or kc.dtype not in (torch.float32, torch.bfloat16) or D not in (16, 32, 64, 128)
+            or q.shape[2] != 1 or not (kc.is_contiguous() and vc.is_contiguous())):
+        return None
+    B, H = q.shape[0], q.shape[1]
+    out = ext.decode_attention(q.reshape(B, H, D).float().contiguous(), kc, vc, n)
+    return out.view(B, H, 1, D).to(kc.dtype)

@@ -1,0 +1,184 @@
+"""groupgen's AVX-512 decode kernels (ar_model/cpu_decode.cpp): the GEMM and the decode attention
+against fp64 references, their use by Linear and Attention.step, and the fallback when unbuilt."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ar_model import GPT, cpu_decode, gpt_config
+from ar_model.layers import _PACKED, Linear
+from groupgen.layout import TokenLayout
+
+needs_avx512 = pytest.mark.skipif(not cpu_decode._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """As on a machine where the kernels could not be built."""
+    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+
+
+@needs_avx512
+def test_kernels_build_on_an_avx512_cpu():
+    assert cpu_decode.kernels() is not None, cpu_decode.unavailable_reason()
+    assert cpu_decode.unavailable_reason() == ""
+
+
+@needs_avx512
+@pytest.mark.parametrize("n,k", [(80, 48), (37, 33), (16, 768)])
+def test_linear_kernel_equals_fp64_reference(n, k):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    packed = cpu_decode.pack(w)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    for m in (1, 3, 16, 17, 40):                      # row tiles of 16 plus remainders
+        x = torch.randn(m, k, generator=g)
+        for bias in (None, b):
+            y = cpu_decode.linear(x, packed, bias, n)
+            ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            assert _rel(y, ref) < 2e-6
+
+
+@needs_avx512
+def test_kernels_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(200, 64, generator=g), torch.randn(16, 64, generator=g)
+    q, kc, vc = torch.randn(4, 6, 1, 32, generator=g), torch.randn(4, 3, 30, 32, generator=g), torch.randn(4, 3, 30, 32, generator=g)
+    packed = cpu_decode.pack(w)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append((cpu_decode.linear(x, packed, None, 200), cpu_decode.attention(q, kc, vc, 25)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@needs_avx512
+def test_linear_kernel_rejects_mismatched_shapes():
+    packed = cpu_decode.pack(torch.randn(32, 16))
+    with pytest.raises(RuntimeError, match="does not fit"):
+        cpu_decode.linear(torch.randn(4, 17), packed, None, 32)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        cpu_decode.linear(torch.randn(4, 16), packed, None, 40)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_decode.linear(torch.randn(4, 16), packed, torch.randn(31), 32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,h,hk", [(64, 12, 12), (16, 4, 2), (128, 2, 1), (32, 3, 3)])
+def test_decode_attention_equals_sdpa(dtype, d, h, hk):
+    g = torch.Generator().manual_seed(d + h)
+    B, T = 3, 41
+    q = torch.randn(B, h, 1, d, generator=g).to(dtype)
+    kc, vc = (torch.randn(B, hk, T, d, generator=g).to(dtype) for _ in range(2))
+    for n in (1, 2, 17, 40, T):                       # n = 1: the output is V's first row
+        o = cpu_decode.attention(q, kc, vc, n)
+        assert o.shape == q.shape and o.dtype == dtype
+        k, v = (c[:, :, :n].double().repeat_interleave(h // hk, 1) for c in (kc, vc))
+        ref = F.scaled_dot_product_attention(q.double(), k, v)
+        if dtype == torch.float32:
+            assert _rel(o, ref) < 1e-6
+        else:   # bf16 in and out: within 2x of SDPA's own bf16 error (and SDPA needs the same GQA repeat)
+            sdpa = F.scaled_dot_product_attention(q, k.to(dtype), v.to(dtype))
+            assert _rel(o, ref) <= 2 * max(_rel(sdpa, ref), 4e-3)
+        if n == 1:
+            assert torch.allclose(o.float(), vc[:, :, :1].float().repeat_interleave(h // hk, 1), atol=1e-2 if dtype != torch.float32 else 1e-7)
+
+
+@needs_avx512
+def test_decode_attention_leaves_unsupported_cases_to_sdpa():
+    q, kc = torch.randn(2, 2, 1, 24), torch.randn(2, 2, 9, 24)
+    assert cpu_decode.attention(q, kc, kc, 5) is None                     # head_dim 24
+    q, kc = torch.randn(2, 2, 1, 16).half(), torch.randn(2, 2, 9, 16).half()
+    assert cpu_decode.attention(q, kc, kc, 5) is None                     # fp16
+    kc = torch.randn(2, 9, 2, 16).transpose(1, 2)
+    assert cpu_decode.attention(q.float(), kc, kc, 5) is None             # strided cache
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu_decode.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
+
+
+@needs_avx512
+def test_linear_takes_the_kernel_up_to_its_row_limit():
+    lin = Linear(48, 80, bias=True)
+    with torch.no_grad():
+        for rows, kernel in [(16, True), (Linear.KERNEL_MAX_ROWS, True), (Linear.KERNEL_MAX_ROWS + 1, False)]:
+            x = torch.randn(rows, 48)
+            y = lin(x)
+            assert (_PACKED[lin][0][3] == "kernel") == kernel
+            assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
+
+
+def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        m.init_cache(labels.shape[0])
+        h = m.prefill(labels)
+        for pos in range(codes.shape[1]):
+            out.append(torch.cat(m.head_logits(h, codes[:, pos]), -1))
+            h = m.decode(codes[:, pos], pos)
+        m.clear_cache()
+    return torch.stack(out, 1)
+
+
+@needs_avx512
+@pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2)])
+def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
+    lay = TokenLayout("grid", 9, (7, 5), 3, 3)
+    cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2, **extra)
+    torch.manual_seed(0)
+    m = GPT(cfg, lay, 3).eval()
+    with torch.no_grad():                                           # the heads start at zero
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])                 # 8 rows: inside the kernel's range
+    codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
+    calls = {"linear": 0, "attention": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(cpu_decode, name), _n=name):
+            calls[_n] += 1
+            return _f(*a)
+        monkeypatch.setattr(cpu_decode, name, counted)
+    with_kernels = _decode_logits(m, labels, codes)
+    assert calls["linear"] > 0 and calls["attention"] == cfg.n_layer * (lay.L + 1)   # prefill + L steps
+    with torch.no_grad():
+        full = torch.cat(m(codes, labels), -1)
+    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+    without = _decode_logits(m, labels, codes)
+    assert (with_kernels - without).abs().max().item() < 1e-5
+    assert (with_kernels - full).abs().max().item() < 1e-5
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(cpu_decode, "_state", {"tried": False, "ext": None, "why": ""})
+    monkeypatch.setattr(cpu_decode, "_build", broken)
+    monkeypatch.setattr(cpu_decode, "_cpu_has_avx512f", lambda: True)
+    monkeypatch.setattr(cpu_decode.platform, "machine", lambda: "x86_64")
+    monkeypatch.delenv("GROUPGEN_CPU_KERNELS", raising=False)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        assert cpu_decode.kernels() is None
+    assert "no compiler here" in cpu_decode.unavailable_reason()
+    lin = Linear(48, 80)
+    with torch.no_grad():
+        x = torch.randn(16, 48)
+        y = lin(x)                                                   # MKL's packed path (or F.linear)
+    assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
+    assert lin not in _PACKED or _PACKED[lin][0][3] == 16
+
+
+def test_kernels_can_be_turned_off(monkeypatch, no_kernels):
+    monkeypatch.setattr(cpu_decode, "_state", {"tried": False, "ext": None, "why": ""})
+    monkeypatch.setenv("GROUPGEN_CPU_KERNELS", "0")
+    assert cpu_decode.kernels() is None
+    assert "GROUPGEN_CPU_KERNELS" in cpu_decode.unavailable_reason()
+    assert cpu_decode.attention(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), 2) is None
