@@ -87,19 +87,21 @@ class Linear(nn.Linear):
     ``F.linear`` on the CPU brings the weight into the GEMM kernel's blocked layout on every call.
     At decode sizes (a few rows: batch x 2 for guidance) that reorder is a large part of the cost,
     since each call reads its whole weight anyway. Without autograd, for up to ``MAX_ROWS`` rows,
-    this layer packs its weight once (oneDNN for bf16, MKL packed GEMM for fp32) and reuses it
-    until the weight or the row count changes or ``release_packed()`` is called. Results equal
-    ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode step's linears at 16 rows
-    run 1.35x faster in fp32 and 1.17x in bf16 (``bench/decode_linear.py``). Training, GPUs, fewer
-    than ``MIN_ROWS`` and more than ``MAX_ROWS`` rows use ``F.linear``.
+    this layer packs its weight once and reuses it until the weight or the row count changes or
+    ``release_packed()`` is called: fp32 up to ``KERNEL_MAX_ROWS`` rows goes to groupgen's own
+    AVX-512 GEMM (``cpu_decode``, where it is built), other fp32 to MKL's packed GEMM, bf16 to
+    oneDNN. Results equal ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode
+    step's linears at 16 rows: fp32 56 ms with ``F.linear``, 39 ms MKL packed, 30 ms with the
+    kernel; bf16 32 -> 24 ms (``bench/decode_linear.py``). Training, GPUs, fewer than ``MIN_ROWS``
+    and more than ``MAX_ROWS`` rows use ``F.linear``.
     """
 
     # Rows taken by the packed path. Below MIN_ROWS, F.linear is as fast (decode_linear.py); dtypes
     # missing from MIN_ROWS have no packed kernel.
     MAX_ROWS = 64
     MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}
-    # fp32 rows taken by cpu_decode's kernel where it is built; MKL's packed GEMM wins above
-    # (bench/decode_linear.py: 64 rows 74 vs 87 ms, 16 rows 35 vs 27 ms).
+    # fp32 rows taken by cpu_decode's kernel where it is built; MKL's packed GEMM is as fast at 32
+    # rows and faster at 64 (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms).
     KERNEL_MAX_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

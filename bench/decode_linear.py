@@ -4,10 +4,15 @@
 
 One GPT-B decode step's linear layers (12 x [qkv 2304x768, wo 768x768, w13 4096x768, w2 768x2048]
 plus the 16384x768 output head; 444 MB of fp32 weights, so every call reads its weight from
-memory) run for a few row counts: ``F.linear(x, W)`` against ``Linear`` without autograd, which
-packs each weight once into the GEMM's blocked layout (MKL packed GEMM for fp32, oneDNN for bf16)
-and reuses it. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
-(median), ratio = F.linear / packed.
+memory) run for a few row counts, without autograd:
+- ``F.linear``: PyTorch's CPU GEMM, which brings the weight into its blocked layout on every call;
+- ``packed``: the weight packed once into the library GEMM's layout (MKL packed sgemm for fp32,
+  oneDNN for bf16) and reused;
+- ``kernel`` (fp32 only, where ``ar_model.cpu_decode`` is built): groupgen's AVX-512 GEMM on its
+  own packed layout.
+``Linear`` picks ``kernel`` for fp32 up to ``Linear.KERNEL_MAX_ROWS`` rows, ``packed`` otherwise in
+its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
+(median); ratios are F.linear / case; GB/s = weight bytes / median time.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import interleave, machine_info, median, spread, write_json
 
-from ar_model.layers import Linear
+from ar_model import cpu_decode
+from ar_model.layers import _pack_weight
 
 GPT_B = [(2304, 768), (768, 768), (4096, 768), (768, 2048)] * 12 + [(16384, 768)]
 MICRO = [(192, 64), (64, 64), (256, 64), (64, 128)] * 2 + [(512, 64)]
@@ -39,27 +45,33 @@ def main(argv=None) -> dict:
     shapes = MICRO if a.quick else GPT_B
     reps = 2 if a.quick else a.reps
     R: dict = {"machine": machine_info(a.threads), "rows": {}}
+    ext = cpu_decode.kernels()
+    R["kernels"] = cpu_decode.unavailable_reason() or "built"
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
-        lins = []
-        for n, k in shapes:
-            lin = Linear(k, n, bias=False)
-            with torch.no_grad():
-                lin.weight.copy_(torch.randn(n, k, generator=g))
-            lins.append(lin.to(dtype))
+        ws = [torch.randn(n, k, generator=g).to(dtype) for n, k in shapes]
+        gbytes = sum(w.numel() * w.element_size() for w in ws) / 1e9
+        kernel_packs = [cpu_decode.pack(w) for w in ws] if ext is not None and dtype == torch.float32 else None
         for rows in (int(r) for r in a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
-            cases = {"F.linear": lambda: [F.linear(xs[m.in_features], m.weight) for m in lins],
-                     "packed": lambda: [m(xs[m.in_features]) for m in lins]}
+            packs = [_pack_weight(w, rows) for w in ws]
+            if dtype == torch.bfloat16:
+                packed = lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")  # noqa: E731
+                                  for w, p in zip(ws, packs)]
+            else:
+                packed = lambda: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, rows)  # noqa: E731
+                                  for w, p in zip(ws, packs)]
+            cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws], "packed": packed}
+            if kernel_packs is not None:
+                cases["kernel"] = lambda: [cpu_decode.linear(xs[w.shape[1]], p, None, w.shape[0])
+                                           for w, p in zip(ws, kernel_packs)]
             with torch.inference_mode():
                 t = interleave(cases, reps, warmup=1, log=None)
-            for m in lins:
-                m.release_packed()
-            row = {n: {"ms": 1e3 * median(v), "s": spread(v)} for n, v in t.items()}
-            row["ratio"] = median(t["F.linear"]) / median(t["packed"])
+            row = {n: {"ms": 1e3 * median(v), "s": spread(v), "GB/s": gbytes / median(v),
+                       "ratio": median(t["F.linear"]) / median(v)} for n, v in t.items()}
             R["rows"][f"{str(dtype)[6:]}:{rows}"] = row
-            print(f"{str(dtype)[6:]:8s} rows {rows:4d}: F.linear {row['F.linear']['ms']:8.2f} ms  "
-                  f"packed {row['packed']['ms']:8.2f} ms  ratio {row['ratio']:.2f}", flush=True)
+            print(f"{str(dtype)[6:]:8s} rows {rows:4d}: " + "  ".join(
+                f"{n} {r['ms']:7.2f} ms ({r['GB/s']:5.1f} GB/s, {r['ratio']:.2f}x)" for n, r in row.items()), flush=True)
     write_json(a.json, R)
     return R
 

@@ -1,0 +1,26 @@
+"""The decode microbenchmarks run (--quick shapes) and report every case, so they cannot rot
+between benchmark sessions. No timing is asserted."""
+import pytest
+
+from ar_model import cpu_decode
+from bench import decode_attention, decode_linear
+
+
+def test_decode_linear_bench_quick(tmp_path):
+    out = tmp_path / "lin.json"
+    R = decode_linear.main(["--quick", "--rows", "4,16", "--json", str(out)])
+    assert out.exists() and set(R["rows"]) == {"float32:4", "float32:16", "bfloat16:4", "bfloat16:16"}
+    kernel = cpu_decode.kernels() is not None
+    for key, row in R["rows"].items():
+        assert {"F.linear", "packed"} <= set(row) and ("kernel" in row) == (kernel and key.startswith("float32"))
+        assert all(c["ms"] > 0 and c["ratio"] > 0 for c in row.values())
+
+
+def test_decode_attention_bench_quick(tmp_path):
+    if cpu_decode.kernels() is None:
+        with pytest.raises(SystemExit, match="no kernel"):
+            decode_attention.main(["--quick"])
+        return
+    R = decode_attention.main(["--quick", "--json", str(tmp_path / "att.json")])
+    assert set(R["lengths"]) == {"float32:5", "float32:33", "bfloat16:5", "bfloat16:33"}
+    assert all(r["ratio"] > 0 and r["kernel"]["ms"] > 0 for r in R["lengths"].values())
