@@ -214,8 +214,17 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& kc, 
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("pack_f32", &pack_f32, "pack an fp32 weight [N, K] for linear_f32");
-  m.def("linear_f32", &linear_f32, "x [M, K] @ W^T (+ bias) with a packed fp32 weight");
-  m.def("decode_attention", &decode_attention, "one query per head over the first n cache rows");
+// Registered as torch ops (torch.ops.groupgen.*) so the profiler and the dispatcher see them.
+TORCH_LIBRARY(groupgen, m) {
+  m.def("pack_f32(Tensor w) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor wp, Tensor? bias, int n) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor kc, Tensor vc, int n) -> Tensor");
 }
+
+TORCH_LIBRARY_IMPL(groupgen, CPU, m) {
+  m.impl("pack_f32", &pack_f32);
+  m.impl("linear_f32", &linear_f32);
+  m.impl("decode_attention", &decode_attention);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

@@ -46,7 +46,8 @@ def unavailable_reason() -> str:
 
 
 def kernels():
-    """The compiled extension module, or None (after one warning if a build was attempted)."""
+    """The compiled extension (its ops are ``torch.ops.groupgen.*``), or None (after one warning
+    if a build was attempted)."""
     if _state["tried"]:
         return _state["ext"]
     _state["tried"] = True
@@ -85,12 +86,13 @@ def _build():
 
 def pack(w: torch.Tensor) -> torch.Tensor:
     """fp32 weight [N, K] -> [ceil(N/16), K, 16], the layout ``linear`` streams."""
-    return kernels().pack_f32(w.detach().contiguous())
+    kernels()
+    return torch.ops.groupgen.pack_f32(w.detach().contiguous())
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x [M, K] fp32 -> x @ W^T (+ bias) [M, n] with W packed by ``pack``."""
-    return kernels().linear_f32(x.contiguous(), packed, bias, n)
+    return torch.ops.groupgen.linear_f32(x.contiguous(), packed, bias, n)
 
 
 def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n: int) -> torch.Tensor | None:
@@ -104,5 +106,5 @@ def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n: int) -> to
             or q.shape[2] != 1 or not (kc.is_contiguous() and vc.is_contiguous())):
         return None
     B, H = q.shape[0], q.shape[1]
-    out = ext.decode_attention(q.reshape(B, H, D).float().contiguous(), kc, vc, n)
+    out = torch.ops.groupgen.decode_attention(q.reshape(B, H, D).float().contiguous(), kc, vc, n)
     return out.view(B, H, 1, D).to(kc.dtype)
