@@ -11,8 +11,8 @@ Two kernels, both for inference only:
 
 The build needs x86-64 with AVX-512F, a C++ compiler and ninja (``torch.utils.cpp_extension``,
 which DeepSpeed's JIT ops use too). It is cached under ``TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``) in a directory named by a hash of the source, so an edited source
-rebuilds. Where the build is impossible or fails, ``kernels()`` returns None after one warning and
+``~/.cache/torch_extensions``) in a directory named by a hash of the source and its path, so an
+edited source rebuilds. Where the build is impossible or fails, ``kernels()`` returns None after one warning and
 callers keep their PyTorch path. ``GROUPGEN_CPU_KERNELS=0`` turns the kernels off.
 """
 from __future__ import annotations
@@ -74,7 +74,10 @@ def _build():
     finally:
         log.setLevel(level)
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode())
+    # The source's path is part of the name: ninja rebuilds whenever the path in its build file
+    # changes, so two checkouts sharing one cache would otherwise rebuild each other's copy.
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+                            + str(SOURCE.resolve()).encode())
     name = f"groupgen_cpu_decode_{digest.hexdigest()[:12]}"
     root = Path(cpp_extension.get_default_build_root())
     if not any(root.glob(f"**/{name}/{name}.so")):

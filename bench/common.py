@@ -6,6 +6,8 @@ what the reports quote, because a busy neighbour slows A and B alike.
 """
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import json
 import os
@@ -27,6 +29,23 @@ if str(REPO) not in sys.path:
 
 _CLOCK = {"fn": time.perf_counter}
 
+
+
+def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options every microbenchmark takes: --quick (tiny shapes, a smoke test), --threads,
+    --reps, --json. Scripts add their own, then call ``parse_bench_args``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few reps: a smoke test")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=reps)
+    ap.add_argument("--json", default="", help="write all numbers here")
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    return a
 
 def set_clock(kind: str) -> None:
     """``wall`` (default) or ``cpu`` (this process's CPU seconds). On a heavily shared machine run

@@ -9,7 +9,6 @@ fp32 and bf16. Cases interleaved; milliseconds per whole step (median); GB/s = c
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,20 +16,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleave, machine_info, median, spread, write_json
+from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
 from ar_model import cpu_decode
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: a smoke test")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap = bench_parser(__doc__, reps=7)
     ap.add_argument("--lengths", default="17,64,128,192,251")
-    ap.add_argument("--json", default="")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    a = parse_bench_args(ap, argv)
     B, H, D, T, layers = (2, 2, 16, 33, 2) if a.quick else (16, 12, 64, 257, 12)
     lengths = [5, 33] if a.quick else [int(n) for n in a.lengths.split(",")]
     reps = 2 if a.quick else a.reps

@@ -16,7 +16,6 @@ its row range. Packing happens in the warmup. Cases interleaved; milliseconds pe
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import interleave, machine_info, median, spread, write_json
+from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
 from ar_model import cpu_decode
 from ar_model.layers import _pack_weight
@@ -34,14 +33,9 @@ MICRO = [(192, 64), (64, 64), (256, 64), (64, 128)] * 2 + [(512, 64)]
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: a smoke test")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=7)
+    ap = bench_parser(__doc__, reps=7)
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128")
-    ap.add_argument("--json", default="")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    a = parse_bench_args(ap, argv)
     shapes = MICRO if a.quick else GPT_B
     reps = 2 if a.quick else a.reps
     R: dict = {"machine": machine_info(a.threads), "rows": {}}

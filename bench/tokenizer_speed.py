@@ -8,7 +8,6 @@ Encode and decode of every preset and precision are interleaved; images/s from m
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, hwm_mb, interleave, machine_info, median, spread, write_json
+from bench.common import REPO, bench_parser, hwm_mb, interleave, machine_info, median, parse_bench_args, spread, write_json
 
 from groupgen.config import load_config
 from tokenizer.model import build_tokenizer
@@ -27,16 +26,11 @@ QUICK = {"VQ": "configs/tokenizer/fmnist_vq.yaml", "MGVQ-G8": "configs/tokenizer
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=2)
+    ap = bench_parser(__doc__, reps=3)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--json", default="")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    a = parse_bench_args(ap, argv)
     torch.manual_seed(0)
     presets = QUICK if a.quick else FULL
     R: dict = {"machine": machine_info(a.threads), "batch": a.batch, "reps": a.reps, "presets": presets}
