@@ -76,6 +76,13 @@ def _pack_weight(w: torch.Tensor, rows: int):
     return None
 
 
+def _packed_mm(x: torch.Tensor, packed, w: torch.Tensor, b: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """x [rows, K] @ w^T (+ b) with ``packed = _pack_weight(w, rows)``."""
+    if w.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
+    return torch.ops.mkl._mkl_linear(x.contiguous(), packed, w, b, rows)
+
+
 # Packed weights live outside the modules (so deepcopy, .to() and state_dict never see them), one per
 # Linear, dropped with the module or by Linear.release_packed() (GPT.clear_cache after sampling).
 _PACKED: "weakref.WeakKeyDictionary[Linear, tuple]" = weakref.WeakKeyDictionary()
@@ -135,9 +142,7 @@ class Linear(nn.Linear):
             return None
         if kernel:
             return cpu_decode.linear(x, packed, b, w.shape[0])
-        if w.dtype == torch.bfloat16:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
-        return torch.ops.mkl._mkl_linear(x.contiguous(), packed, w, b, rows)
+        return _packed_mm(x, packed, w, b, rows)
 
     def release_packed(self) -> None:
         _PACKED.pop(self, None)

@@ -7,7 +7,6 @@ what the reports quote, because a busy neighbour slows A and B alike.
 from __future__ import annotations
 
 import argparse
-
 import datetime
 import json
 import os
@@ -30,7 +29,6 @@ if str(REPO) not in sys.path:
 _CLOCK = {"fn": time.perf_counter}
 
 
-
 def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
     """The options every microbenchmark takes: --quick (tiny shapes, a smoke test), --threads,
     --reps, --json. Scripts add their own, then call ``parse_bench_args``."""
@@ -46,6 +44,7 @@ def parse_bench_args(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespa
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     return a
+
 
 def set_clock(kind: str) -> None:
     """``wall`` (default) or ``cpu`` (this process's CPU seconds). On a heavily shared machine run

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
 from ar_model import cpu_decode
-from ar_model.layers import _pack_weight
+from ar_model.layers import _pack_weight, _packed_mm
 
 GPT_B = [(2304, 768), (768, 768), (4096, 768), (768, 2048)] * 12 + [(16384, 768)]
 MICRO = [(192, 64), (64, 64), (256, 64), (64, 128)] * 2 + [(512, 64)]
@@ -49,13 +49,8 @@ def main(argv=None) -> dict:
         for rows in (int(r) for r in a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
             packs = [_pack_weight(w, rows) for w in ws]
-            if dtype == torch.bfloat16:
-                packed = lambda: [torch.ops.mkldnn._linear_pointwise(xs[w.shape[1]], p, None, "none", [], "")  # noqa: E731
-                                  for w, p in zip(ws, packs)]
-            else:
-                packed = lambda: [torch.ops.mkl._mkl_linear(xs[w.shape[1]], p, w, None, rows)  # noqa: E731
-                                  for w, p in zip(ws, packs)]
-            cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws], "packed": packed}
+            cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
+                     "packed": lambda: [_packed_mm(xs[w.shape[1]], p, w, None, rows) for w, p in zip(ws, packs)]}
             if kernel_packs is not None:
                 cases["kernel"] = lambda: [cpu_decode.linear(xs[w.shape[1]], p, None, w.shape[0])
                                            for w, p in zip(ws, kernel_packs)]
