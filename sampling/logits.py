@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ar_model import cpu_decode
+
 
 def per_group(value, G: int, name: str) -> list:
     """A scalar applies to every group; a list must give exactly one value per group."""
@@ -63,8 +65,14 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
     K = logits.shape[-1]
     idx = None
     if 0 < s.top_k < K:
-        # Only top-p needs the kept logits in order; an unsorted top-k is ~1.5x cheaper.
-        logits, idx = torch.topk(logits, s.top_k, dim=-1, sorted=s.top_p < 1.0)
+        # Only top-p needs the kept logits in order. Without it, the CPU kernel (kept columns in
+        # index order, ~7x faster than torch.topk) where built, else an unsorted torch.topk (~1.5x
+        # cheaper than a sorted one).
+        picked = cpu_decode.topk(logits, s.top_k) if s.top_p >= 1.0 else None
+        if picked is not None:
+            logits, idx = picked
+        else:
+            logits, idx = torch.topk(logits, s.top_k, dim=-1, sorted=s.top_p < 1.0)
         if s.top_p < 1.0:
             logits = logits.masked_fill(top_p_mask(logits, s.top_p), float("-inf"))
     elif s.top_p < 1.0:

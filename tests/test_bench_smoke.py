@@ -3,7 +3,7 @@ between benchmark sessions. No timing is asserted."""
 import pytest
 
 from ar_model import cpu_decode
-from bench import decode_attention, decode_linear
+from bench import decode_attention, decode_linear, sampler_topk
 
 
 def test_decode_linear_bench_quick(tmp_path):
@@ -24,3 +24,10 @@ def test_decode_attention_bench_quick(tmp_path):
     R = decode_attention.main(["--quick", "--json", str(tmp_path / "att.json")])
     assert set(R["lengths"]) == {"float32:5", "float32:33", "bfloat16:5", "bfloat16:33"}
     assert all(r["ratio"] > 0 and r["kernel"]["ms"] > 0 for r in R["lengths"].values())
+
+
+def test_sampler_topk_bench_quick(tmp_path):
+    R = sampler_topk.main(["--quick", "--json", str(tmp_path / "topk.json")])
+    row = R["shapes"]["2x64:k=8"]
+    assert {"torch.topk", "torch.topk sorted"} <= set(row) and ("kernel" in row) == (cpu_decode.kernels() is not None)
+    assert all(c["us"] > 0 and c["ratio"] > 0 for c in row.values())

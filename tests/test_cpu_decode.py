@@ -1,5 +1,6 @@
 """groupgen's AVX-512 decode kernels (ar_model/cpu_decode.cpp): the GEMM and the decode attention
-against fp64 references, their use by Linear and Attention.step, and the fallback when unbuilt."""
+against fp64 references, the top-k selection against torch.topk, their use by Linear,
+Attention.step and the sampler, and the fallback when unbuilt."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,11 @@ def test_kernels_do_not_depend_on_the_thread_count():
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append((cpu_decode.linear(x, packed, None, 200), cpu_decode.attention(q, kc, vc, 25)))
+            outs.append((cpu_decode.linear(x, packed, None, 200), cpu_decode.attention(q, kc, vc, 25),
+                         *cpu_decode.topk(torch.randn(64, 2048, generator=torch.Generator().manual_seed(2)), 300)))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 @needs_avx512
@@ -103,6 +105,49 @@ def test_decode_attention_leaves_unsupported_cases_to_sdpa():
     assert cpu_decode.attention(q.float(), kc, kc, 5) is None             # strided cache
     with pytest.raises(RuntimeError, match="outside"):
         cpu_decode.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
+
+
+def _check_topk(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
+    ref_vals = torch.topk(x, k).values
+    assert vals.shape == idx.shape == (x.shape[0], k) and idx.dtype == torch.long
+    assert torch.equal(vals.sort(-1).values, ref_vals.sort(-1).values)       # the k largest values
+    assert torch.equal(vals, x.gather(-1, idx))
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())                             # in index order
+    for r in range(x.shape[0]):                                               # ties: lowest indices
+        thr = vals[r].min()
+        taken = idx[r][vals[r] == thr]
+        assert torch.equal(taken, (x[r] == thr).nonzero().flatten()[: len(taken)])
+
+
+@needs_avx512
+@pytest.mark.parametrize("K,k", [(2048, 256), (16384, 2000), (37, 5), (16, 16), (1000, 1), (33, 32)])
+def test_topk_kernel_selects_the_k_largest_in_index_order(K, k):
+    g = torch.Generator().manual_seed(K + k)
+    for x in (torch.randn(5, K, generator=g) * 3,
+              torch.randn(5, K, generator=g).bfloat16().float(),         # bf16 logits: many ties
+              torch.randint(-2, 3, (5, K), generator=g).float(),         # mostly ties
+              -torch.rand(5, K, generator=g)):                           # all negative
+        vals, idx = cpu_decode.topk(x, k)
+        _check_topk(x, k, vals, idx)
+    x = torch.randn(2, 3, K, generator=g).bfloat16()                     # leading dims and bf16 in
+    vals, idx = cpu_decode.topk(x, k)
+    assert vals.shape == (2, 3, k) and vals.dtype == torch.bfloat16
+    _check_topk(x.float().reshape(6, K), k, vals.float().reshape(6, k), idx.reshape(6, k))
+
+
+@needs_avx512
+def test_topk_kernel_errors_and_unsupported_cases():
+    x = torch.randn(3, 50)
+    x[1, 7] = float("nan")
+    with pytest.raises(RuntimeError, match="row 1 of the logits contains NaN"):
+        cpu_decode.topk(x, 4)
+    with pytest.raises(RuntimeError, match="outside 1..50"):
+        cpu_decode.topk(torch.randn(3, 50), 51)
+    assert cpu_decode.topk(torch.randn(3, 50).half(), 4) is None
+
+
+def test_topk_is_none_without_kernels(no_kernels):
+    assert cpu_decode.topk(torch.randn(3, 50), 4) is None
 
 
 @needs_avx512
