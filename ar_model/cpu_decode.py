@@ -1,10 +1,12 @@
-"""Hand-written AVX-512 kernels for CPU decoding (``cpu_decode.cpp``), built once on first use.
+"""Hand-written AVX-512 / AMX kernels for CPU decoding (``cpu_decode*.cpp``), built once on first use.
 
 Three kernels, all for inference only:
-- ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against an
-  fp32 weight packed once by ``pack(w)``. A GPT-B step's 444 MB of fp32 weights at 16 rows: MKL's
-  packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms (13 GB/s);
-  a streaming read of the same bytes takes ~24 ms (``bench/decode_linear.py``).
+- ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against a
+  weight packed once by ``pack(w)``. fp32 with AVX-512: a GPT-B step's 444 MB of fp32 weights at 16
+  rows: MKL's packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms
+  (13 GB/s); a streaming read of the same bytes takes ~24 ms. bf16 with AMX (``cpu_decode_amx.cpp``,
+  up to 32 rows, where the CPU and OS allow AMX): the 222 MB of bf16 weights, oneDNN 19.6 ms
+  (10 GB/s), this kernel 12.4 ms (16 GB/s) (``bench/decode_linear.py``).
 - ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
   cache. GPT-B's 12 layers at prefix 128: SDPA 18.2 / 11.2 ms (fp32 / bf16), this kernel 11.3 /
   6.7 ms (``bench/decode_attention.py``).
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+SOURCES = [Path(__file__).with_name("cpu_decode.cpp"), Path(__file__).with_name("cpu_decode_amx.cpp")]
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp"]
 _state: dict = {"tried": False, "ext": None, "why": ""}
 
@@ -79,25 +81,46 @@ def _build():
 
     # The source's path is part of the name: ninja rebuilds whenever the path in its build file
     # changes, so two checkouts sharing one cache would otherwise rebuild each other's copy.
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
-                            + str(SOURCE.resolve()).encode())
+    digest = hashlib.sha256(b"".join(p.read_bytes() + str(p.resolve()).encode() for p in SOURCES)
+                            + " ".join(_CFLAGS).encode() + torch.__version__.encode())
     name = f"groupgen_cpu_decode_{digest.hexdigest()[:12]}"
     root = Path(cpp_extension.get_default_build_root())
     if not any(root.glob(f"**/{name}/{name}.so")):
         print(f"groupgen: building the CPU decode kernels once (about a minute) under {root}",
               file=sys.stderr, flush=True)
-    return cpp_extension.load(name, [str(SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+    return cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                               verbose=False)
 
 
+def amx_bf16() -> bool:
+    """Whether the bf16 GEMM can run: the kernels are built, the CPU has AMX-BF16 and the OS lets
+    this process use the tile registers."""
+    if "amx" not in _state:
+        _state["amx"] = kernels() is not None and bool(torch.ops.groupgen.amx_bf16_ready())
+    return _state["amx"]
+
+
+def linear_supports(dtype: torch.dtype) -> bool:
+    """Whether ``pack``/``linear`` have a kernel for weights of ``dtype`` on this machine."""
+    if dtype == torch.float32:
+        return kernels() is not None
+    return dtype == torch.bfloat16 and amx_bf16()
+
+
 def pack(w: torch.Tensor) -> torch.Tensor:
-    """fp32 weight [N, K] -> [ceil(N/16), K, 16], the layout ``linear`` streams."""
+    """A weight [N, K] in the layout ``linear`` streams: fp32 -> [ceil(N/16), K, 16]; bf16 ->
+    AMX tiles [ceil(N/16), ceil(K/32), 16, 16, 2] (check ``linear_supports`` first)."""
     kernels()
-    return torch.ops.groupgen.pack_f32(w.detach().contiguous())
+    w = w.detach().contiguous()
+    if w.dtype == torch.bfloat16:
+        return torch.ops.groupgen.pack_bf16(w)
+    return torch.ops.groupgen.pack_f32(w)
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x [M, K] fp32 -> x @ W^T (+ bias) [M, n] with W packed by ``pack``."""
+    """x [M, K] -> x @ W^T (+ bias) [M, n] with W packed by ``pack``; fp32 any M, bf16 M <= 32."""
+    if x.dtype == torch.bfloat16:
+        return torch.ops.groupgen.linear_bf16(x.contiguous(), packed, bias, n)
     return torch.ops.groupgen.linear_f32(x.contiguous(), packed, bias, n)
 
 

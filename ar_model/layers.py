@@ -93,45 +93,58 @@ class Linear(nn.Linear):
 
     ``F.linear`` on the CPU brings the weight into the GEMM kernel's blocked layout on every call.
     At decode sizes (a few rows: batch x 2 for guidance) that reorder is a large part of the cost,
-    since each call reads its whole weight anyway. Without autograd, for up to ``MAX_ROWS`` rows,
-    this layer packs its weight once and reuses it until the weight or the row count changes or
-    ``release_packed()`` is called: fp32 up to ``KERNEL_MAX_ROWS`` rows goes to groupgen's own
-    AVX-512 GEMM (``cpu_decode``, where it is built), other fp32 to MKL's packed GEMM, bf16 to
-    oneDNN. Results equal ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode
-    step's linears at 16 rows: fp32 56 ms with ``F.linear``, 39 ms MKL packed, 30 ms with the
-    kernel; bf16 32 -> 24 ms (``bench/decode_linear.py``). Training, GPUs, fewer than ``MIN_ROWS``
-    and more than ``MAX_ROWS`` rows use ``F.linear``.
+    since each call reads its whole weight anyway. Without autograd, for a few rows, this layer
+    packs its weight once and reuses it until the weight or the path changes or
+    ``release_packed()`` is called. Paths, by dtype and row count:
+    - ``kernel``: groupgen's own GEMM (``cpu_decode``, where built): fp32 with AVX-512 for 4..32
+      rows, bf16 with AMX for 1..32 rows;
+    - ``packed``: the library GEMM on a weight packed for that row count (MKL's packed sgemm for
+      fp32, oneDNN for bf16), up to ``MAX_ROWS`` rows;
+    - ``F.linear`` otherwise (training, GPUs, fewer than ``MIN_ROWS`` or more than ``MAX_ROWS``).
+    Results equal ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode step's
+    linears at 16 rows: fp32 56 ms with ``F.linear``, 39 ms MKL packed, 30 ms with the kernel;
+    bf16 32 ms, oneDNN packed 20-24 ms, AMX kernel 12 ms (``bench/decode_linear.py``).
     """
 
     # Rows taken by the packed path. Below MIN_ROWS, F.linear is as fast (decode_linear.py); dtypes
     # missing from MIN_ROWS have no packed kernel.
     MAX_ROWS = 64
     MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}
-    # fp32 rows taken by cpu_decode's kernel where it is built; MKL's packed GEMM is as fast at 32
-    # rows and faster at 64 (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms).
+    # Rows taken by cpu_decode's kernels where they run. fp32: MKL's packed GEMM is as fast at 32
+    # rows and faster at 64 (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms); bf16 (AMX) handles at
+    # most 32 rows and beats oneDNN from 1 row on.
+    KERNEL_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
     KERNEL_MAX_ROWS = 32
+
+    @classmethod
+    def path(cls, dtype: torch.dtype, rows: int) -> str | None:
+        """``"kernel"``, ``"packed"`` or None (``F.linear``) for ``rows`` rows of ``dtype``."""
+        if (cls.KERNEL_MIN_ROWS.get(dtype, cls.KERNEL_MAX_ROWS + 1) <= rows <= cls.KERNEL_MAX_ROWS
+                and cpu_decode.linear_supports(dtype)):
+            return "kernel"
+        if cls.MIN_ROWS.get(dtype, cls.MAX_ROWS + 1) <= rows <= cls.MAX_ROWS:
+            return "packed"
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.device.type == "cpu" and x.dtype == w.dtype and not torch.is_grad_enabled()
                 and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == x.dtype)):
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            if self.MIN_ROWS.get(w.dtype, self.MAX_ROWS + 1) <= rows <= self.MAX_ROWS:
-                y = self._packed_linear(x.reshape(rows, x.shape[-1]), rows)
+            path = self.path(w.dtype, rows)
+            if path is not None:
+                y = self._packed_linear(x.reshape(rows, x.shape[-1]), rows, path == "kernel")
                 if y is not None:
                     return y.view(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
 
-    def _packed_linear(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+    def _packed_linear(self, x: torch.Tensor, rows: int, kernel: bool) -> torch.Tensor | None:
         w, b = self.weight, self.bias
         if b is not None and b.dtype != w.dtype:
             return None
-        # Packed for one row count (MKL's packed GEMM requires it; for oneDNN the layout it picks, and
-        # so the rounding, depends on it): results depend only on the input, never on earlier calls.
-        # fp32 at up to KERNEL_MAX_ROWS rows: groupgen's own kernel, whose layout does not depend on
-        # the row count.
-        kernel = (w.dtype == torch.float32 and rows <= self.KERNEL_MAX_ROWS
-                  and cpu_decode.kernels() is not None)
+        # The library GEMMs pack for one row count (MKL's packed GEMM requires it; for oneDNN the
+        # layout it picks, and so the rounding, depends on it): results depend only on the input,
+        # never on earlier calls. The kernels' layouts do not depend on the row count.
         key = (w.data_ptr(), w._version, w.dtype, "kernel" if kernel else rows)
         hit = _PACKED.get(self)
         if hit is None or hit[0] != key:

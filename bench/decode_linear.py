@@ -8,10 +8,10 @@ memory) run for a few row counts, without autograd:
 - ``F.linear``: PyTorch's CPU GEMM, which brings the weight into its blocked layout on every call;
 - ``packed``: the weight packed once into the library GEMM's layout (MKL packed sgemm for fp32,
   oneDNN for bf16) and reused;
-- ``kernel`` (fp32 only, where ``ar_model.cpu_decode`` is built): groupgen's AVX-512 GEMM on its
-  own packed layout.
-``Linear`` picks ``kernel`` for fp32 up to ``Linear.KERNEL_MAX_ROWS`` rows, ``packed`` otherwise in
-its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
+- ``kernel`` (where ``ar_model.cpu_decode`` is built): groupgen's GEMM on its own packed layout,
+  AVX-512 for fp32, AMX for bf16 up to 32 rows (where the CPU and OS allow AMX).
+``Linear.path`` picks ``kernel`` in ``Linear.KERNEL_MIN_ROWS..KERNEL_MAX_ROWS`` rows, ``packed``
+otherwise in its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
 (median); ratios are F.linear / case; GB/s = weight bytes / median time.
 """
 from __future__ import annotations
@@ -39,19 +39,18 @@ def main(argv=None) -> dict:
     shapes = MICRO if a.quick else GPT_B
     reps = 2 if a.quick else a.reps
     R: dict = {"machine": machine_info(a.threads), "rows": {}}
-    ext = cpu_decode.kernels()
-    R["kernels"] = cpu_decode.unavailable_reason() or "built"
+    R["kernels"] = cpu_decode.unavailable_reason() or ("built, AMX bf16" if cpu_decode.amx_bf16() else "built")
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         ws = [torch.randn(n, k, generator=g).to(dtype) for n, k in shapes]
         gbytes = sum(w.numel() * w.element_size() for w in ws) / 1e9
-        kernel_packs = [cpu_decode.pack(w) for w in ws] if ext is not None and dtype == torch.float32 else None
+        kernel_packs = [cpu_decode.pack(w) for w in ws] if cpu_decode.linear_supports(dtype) else None
         for rows in (int(r) for r in a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
             packs = [_pack_weight(w, rows) for w in ws]
             cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
                      "packed": lambda: [_packed_mm(xs[w.shape[1]], p, w, None, rows) for w, p in zip(ws, packs)]}
-            if kernel_packs is not None:
+            if kernel_packs is not None and (dtype == torch.float32 or rows <= 32):   # AMX: up to 32 rows
                 cases["kernel"] = lambda: [cpu_decode.linear(xs[w.shape[1]], p, None, w.shape[0])
                                            for w, p in zip(ws, kernel_packs)]
             with torch.inference_mode():

@@ -1,5 +1,5 @@
-"""groupgen's AVX-512 decode kernels (ar_model/cpu_decode.cpp): the GEMM and the decode attention
-against fp64 references, the top-k selection against torch.topk, their use by Linear,
+"""groupgen's AVX-512 / AMX decode kernels (ar_model/cpu_decode*.cpp): the fp32 and bf16 GEMMs and the
+decode attention against fp64 references, the top-k selection against torch.topk, their use by Linear,
 Attention.step and the sampler, and the fallback when unbuilt."""
 import pytest
 import torch
@@ -10,6 +10,13 @@ from ar_model.layers import _PACKED, Linear
 from groupgen.layout import TokenLayout
 
 needs_avx512 = pytest.mark.skipif(not cpu_decode._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+
+
+def _amx_here() -> bool:
+    return cpu_decode._cpu_has_avx512f() and cpu_decode.amx_bf16()
+
+
+needs_amx = pytest.mark.skipif(not _amx_here(), reason="no AMX-BF16 here (CPU, OS permission or no kernels)")
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -57,6 +64,9 @@ def test_kernels_do_not_depend_on_the_thread_count():
             torch.set_num_threads(t)
             outs.append((cpu_decode.linear(x, packed, None, 200), cpu_decode.attention(q, kc, vc, 25),
                          *cpu_decode.topk(torch.randn(64, 2048, generator=torch.Generator().manual_seed(2)), 300)))
+            if _amx_here():
+                wb = torch.randn(1000, 768, generator=torch.Generator().manual_seed(3)).bfloat16()
+                outs[-1] += (cpu_decode.linear(x.bfloat16().repeat(1, 12), cpu_decode.pack(wb), None, 1000),)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -105,6 +115,45 @@ def test_decode_attention_leaves_unsupported_cases_to_sdpa():
     assert cpu_decode.attention(q.float(), kc, kc, 5) is None             # strided cache
     with pytest.raises(RuntimeError, match="outside"):
         cpu_decode.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
+
+
+@needs_amx
+@pytest.mark.parametrize("n,k", [(80, 48), (37, 33), (2048, 256), (16, 768)])
+def test_amx_bf16_linear_matches_fp64_like_onednn(n, k):
+    g = torch.Generator().manual_seed(n + k)
+    w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    packed = cpu_decode.pack(w)
+    assert packed.shape == ((n + 15) // 16, (k + 31) // 32, 16, 16, 2) and packed.dtype == torch.bfloat16
+    for m in (1, 5, 16, 17, 32):                      # one or two row tiles, partial ones
+        x = torch.randn(m, k, generator=g).bfloat16()
+        for bias in (None, b):
+            y = cpu_decode.linear(x, packed, bias, n)
+            ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+            assert y.shape == (m, n) and y.dtype == torch.bfloat16
+            # fp32 accumulation, one rounding to bf16: as accurate as PyTorch's own bf16 linear
+            assert _rel(y, ref) <= 1.1 * _rel(F.linear(x, w, bias), ref) + 1e-4
+
+
+@needs_amx
+def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
+    w = torch.randn(64, 96).bfloat16()
+    packed = cpu_decode.pack(w)
+    with pytest.raises(RuntimeError, match="M <= 32"):
+        cpu_decode.linear(torch.randn(33, 96).bfloat16(), packed, None, 64)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        cpu_decode.linear(torch.randn(4, 128).bfloat16(), packed, None, 64)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        cpu_decode.linear(torch.randn(4, 96).bfloat16(), packed, None, 90)
+    # oneDNN configures the AMX tiles itself: its results are the same after our kernel ran
+    from ar_model.layers import _pack_weight, _packed_mm
+    x = torch.randn(16, 96).bfloat16()
+    onednn = _pack_weight(w, 16)
+    if onednn is None:
+        pytest.skip("no oneDNN packed linear in this PyTorch build")
+    before = _packed_mm(x, onednn, w, None, 16)
+    ours = cpu_decode.linear(x, packed, None, 64)
+    after = _packed_mm(x, onednn, w, None, 16)
+    assert torch.equal(before, after) and _rel(ours, F.linear(x.double(), w.double())) < 4e-3
 
 
 def _check_topk(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
@@ -159,6 +208,9 @@ def test_linear_takes_the_kernel_up_to_its_row_limit():
             y = lin(x)
             assert (_PACKED[lin][0][3] == "kernel") == kernel
             assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
+    assert Linear.path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)
+    assert Linear.path(torch.bfloat16, 16) == ("kernel" if _amx_here() else "packed")
+    assert Linear.path(torch.bfloat16, 33) == "packed" and Linear.path(torch.float32, 2) is None
 
 
 def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -200,6 +252,34 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
     without = _decode_logits(m, labels, codes)
     assert (with_kernels - without).abs().max().item() < 1e-5
     assert (with_kernels - full).abs().max().item() < 1e-5
+
+
+@needs_amx
+def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch):
+    lay = TokenLayout("grid", 9, (7, 5), 3, 3)
+    cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2)
+    torch.manual_seed(0)
+    m = GPT(cfg, lay, 3).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.1)
+            p.copy_(p.bfloat16().float())                               # the same weights in both dtypes
+    labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])
+    codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
+    ref = _decode_logits(m, labels, codes).double()                      # fp32 model: the reference
+    mb = m.to(torch.bfloat16)
+    calls = {"bf16": 0}
+    def counted(x, *a, _f=cpu_decode.linear):
+        calls["bf16"] += x.dtype == torch.bfloat16
+        return _f(x, *a)
+    monkeypatch.setattr(cpu_decode, "linear", counted)
+    amx = _decode_logits(mb, labels, codes)
+    assert calls["bf16"] > 0
+    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+    onednn = _decode_logits(mb, labels, codes)
+    err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
+    assert err(amx) <= 1.25 * err(onednn) + 1e-3, (err(amx), err(onednn))
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
