@@ -1,6 +1,6 @@
 """Hand-written AVX-512 / AMX kernels for CPU decoding (``cpu_decode*.cpp``), built once on first use.
 
-Three kernels, all for inference only:
+Kernels, all for inference only:
 - ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against a
   weight packed once by ``pack(w)``. fp32 with AVX-512: a GPT-B step's 444 MB of fp32 weights at 16
   rows: MKL's packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms
@@ -10,6 +10,8 @@ Three kernels, all for inference only:
 - ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
   cache. GPT-B's 12 layers at prefix 128: SDPA 18.2 / 11.2 ms (fp32 / bf16), this kernel 11.3 /
   6.7 ms (``bench/decode_attention.py``).
+- ``rms_norm`` and ``rope`` (``cpu_decode_pointwise.cpp``): RMSNorm and RoPE of a decode step in
+  one pass each instead of 7-8 small ops (GPT-B layer at 16 rows, bf16: 88 -> TODO us and 217 -> TODO us).
 - ``topk(x, k)``: the sampler's top-k selection (a radix select), kept columns in index order.
   [8, 16384], k = 2000: torch.topk 1.0-1.5 ms, this kernel 0.14-0.20 ms; [8, 2048], k = 256:
   0.18-0.25 vs 0.05-0.08 ms (``bench/sampler_topk.py``).
@@ -32,7 +34,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("cpu_decode.cpp"), Path(__file__).with_name("cpu_decode_amx.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp")]
+# Pointwise kernels take inputs of at most this many rows (decode steps); larger ones keep PyTorch's ops.
+POINTWISE_MAX_ROWS = 64
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp"]
 _state: dict = {"tried": False, "ext": None, "why": ""}
 
@@ -151,3 +155,27 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     vals, idx = torch.ops.groupgen.topk_select(x.reshape(-1, K).float().contiguous(), int(k))
     lead = x.shape[:-1]
     return vals.view(*lead, k).to(x.dtype), idx.view(*lead, k)
+
+
+def _pointwise_ok(x: torch.Tensor, rows: int) -> bool:
+    return (rows <= POINTWISE_MAX_ROWS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled() and kernels() is not None)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """``layers.RMSNorm`` in one pass for a few rows (same roundings), or None where it does not
+    apply (no kernels, autograd on, more than ``POINTWISE_MAX_ROWS`` rows, dtypes that differ)."""
+    D = x.shape[-1] if x.dim() else 0
+    if not D or w.dtype != x.dtype or not _pointwise_ok(x, x.numel() // D):
+        return None
+    return torch.ops.groupgen.rms_norm(x.contiguous(), w.contiguous(), float(eps))
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``layers.apply_rope`` for x [B, T, H, D] in one pass (B*T at most ``POINTWISE_MAX_ROWS``), or
+    None where it does not apply."""
+    if x.dim() != 4 or x.shape[-1] % 2 or not _pointwise_ok(x, x.shape[0] * x.shape[1]):
+        return None
+    if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.contiguous()
+    return torch.ops.groupgen.rope(x, cos.float().contiguous(), sin.float().contiguous())

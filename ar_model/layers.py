@@ -186,6 +186,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_decode.rms_norm(x, self.weight, self.eps)   # decode sizes on the CPU: one pass, same math
+        if y is not None:
+            return y
         # fp32 inside: bf16 mean-of-squares loses too much precision.
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -252,8 +255,9 @@ class Attention(nn.Module):
         H, Hk = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).unflatten(-1, (H + 2 * Hk, self.head_dim))    # [B, T, heads, hd]
         qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]
-        if cos is not None:
-            qk = apply_rope(qk, cos, sin)   # q and k rotated in one pass (half the elementwise ops)
+        if cos is not None:   # q and k rotated in one pass (half the elementwise ops)
+            rotated = cpu_decode.rope(qk, cos, sin)   # decode sizes on the CPU: one kernel
+            qk = rotated if rotated is not None else apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hk], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 

@@ -156,6 +156,57 @@ def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
     assert torch.equal(before, after) and _rel(ours, F.linear(x.double(), w.double())) < 4e-3
 
 
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [768, 64, 40])
+def test_pointwise_rms_norm_equals_the_pytorch_formulation(dtype, D):
+    from ar_model.layers import RMSNorm
+    g = torch.Generator().manual_seed(D)
+    norm = RMSNorm(D, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g) * 0.5 + 1)
+    for shape in [(1, D), (16, 1, D), (3, 7, D)]:
+        x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+        with torch.no_grad():
+            y = cpu_decode.rms_norm(x, norm.weight, norm.eps)
+            y_layer = norm(x)
+        assert y is not None and y.dtype == dtype and y.shape == x.shape
+        assert torch.equal(y, y_layer)                                   # the layer takes the kernel
+        xf = x.float()                                                   # the PyTorch formulation
+        want = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype) * norm.weight
+        tol = 1e-6 if dtype == torch.float32 else 8e-3                   # bf16: one rounding may differ
+        assert ((y.float() - want.float()).abs() <= tol * want.float().abs().clamp_min(1)).all()
+        if dtype == torch.bfloat16:                                      # rounding flips are rare
+            assert (y != want).float().mean().item() < 1e-3
+    assert cpu_decode.rms_norm(torch.randn(65, D).to(dtype), norm.weight, 1e-5) is None   # not decode-sized
+    assert cpu_decode.rms_norm(torch.randn(2, D).to(dtype).requires_grad_(), norm.weight, 1e-5) is None
+
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 16, 24, 128])
+def test_pointwise_rope_equals_apply_rope(dtype, D):
+    from ar_model.layers import apply_rope, rope_angles_1d
+    g = torch.Generator().manual_seed(D)
+    ang = rope_angles_1d(40, D, 10000.0)
+    for B, T, H in [(16, 1, 24), (3, 2, 5)]:
+        qkv = torch.randn(B, T, 3 * H, D, generator=g).to(dtype)
+        qk = qkv[:, :, : 2 * H]                                          # strided rows, as in Attention
+        cos, sin = torch.cos(ang[7 : 7 + T]).float(), torch.sin(ang[7 : 7 + T]).float()
+        with torch.no_grad():
+            y = cpu_decode.rope(qk, cos, sin)
+            want = apply_rope(qk, cos, sin)
+        assert y is not None and y.shape == want.shape and y.dtype == dtype
+        if dtype == torch.float32:
+            assert (y - want).abs().max().item() < 1e-5
+        else:                                                            # same fp32 math, one rounding
+            assert ((y.float() - want.float()).abs() <= 8e-3 * want.float().abs().clamp_min(1e-2)).all()
+            assert (y != want).float().mean().item() < 1e-3
+    with torch.no_grad(), pytest.raises(RuntimeError, match="tables"):
+        cpu_decode.rope(torch.randn(1, 2, 3, D), torch.randn(1, D // 2), torch.randn(1, D // 2))
+    assert cpu_decode.rope(torch.randn(1, 2, 3, D), cos, sin) is None      # autograd on: PyTorch's ops
+
+
 def _check_topk(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
     ref_vals = torch.topk(x, k).values
     assert vals.shape == idx.shape == (x.shape[0], k) and idx.dtype == torch.long
@@ -238,14 +289,16 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
                 p.normal_(0, 0.1)
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])                 # 8 rows: inside the kernel's range
     codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
-    calls = {"linear": 0, "attention": 0}
+    calls = {"linear": 0, "attention": 0, "rms_norm": 0, "rope": 0}
     for name in calls:
         def counted(*a, _f=getattr(cpu_decode, name), _n=name):
-            calls[_n] += 1
-            return _f(*a)
+            out = _f(*a)
+            calls[_n] += out is not None                             # calls the kernel took
+            return out
         monkeypatch.setattr(cpu_decode, name, counted)
     with_kernels = _decode_logits(m, labels, codes)
     assert calls["linear"] > 0 and calls["attention"] == cfg.n_layer * (lay.L + 1)   # prefill + L steps
+    assert calls["rope"] == calls["attention"] and calls["rms_norm"] == (2 * cfg.n_layer + 1) * (lay.L + 1)
     with torch.no_grad():
         full = torch.cat(m(codes, labels), -1)
     monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
