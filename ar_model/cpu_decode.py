@@ -179,3 +179,12 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     if x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         x = x.contiguous()
     return torch.ops.groupgen.rope(x, cos.float().contiguous(), sin.float().contiguous())
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor | None:
+    """``F.silu(a) * b`` for ``h = [a | b]`` [..., 2H] in one pass (same roundings), or None where
+    it does not apply (as ``rms_norm``)."""
+    D = h.shape[-1] if h.dim() else 0
+    if not D or D % 2 or not _pointwise_ok(h, h.numel() // D):
+        return None
+    return torch.ops.groupgen.swiglu(h.contiguous())

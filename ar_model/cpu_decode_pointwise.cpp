@@ -1,4 +1,5 @@
-// RMSNorm and rotary embedding for decode-sized inputs (a few rows), fp32 or bf16, in one pass each.
+// RMSNorm, rotary embedding and the SwiGLU gate for decode-sized inputs (a few rows), fp32 or bf16,
+// in one pass each.
 // Part of the groupgen_cpu_decode extension (see cpu_decode.py).
 //
 // Why: at decode sizes these are chains of small PyTorch ops, each paying dispatch and allocation:
@@ -132,9 +133,61 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
   return y;
 }
 
+// e^x in fp32 for any x: 2^(x log2 e) = 2^n 2^f, |f| <= 1/2, degree-6 polynomial (~2e-7 relative);
+// clamped to [-88, 88] (e^-88 ~ 6e-39 underflows to ~0 in what follows, e^88 is finite).
+inline __m512 exp_f32(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// FeedForward's F.silu(a) * b for h = [a | b] of H columns each: silu in fp32 cast to T, product
+// rounded to T (PyTorch's two ops, one pass).
+template <typename T>
+void swiglu_rows(const T* h, T* y, int64_t R, int64_t H) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* a = h + r * 2 * H;
+    const T* b = a + H;
+    T* yr = y + r * H;
+    for (int64_t i = 0; i < H; i += 16) {
+      const __mmask16 m = tail_mask(H - i);
+      const __m512 av = load_f32(a + i, m);
+      const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), av))));
+      store(yr + i, _mm512_mul_ps(as_stored(yr, _mm512_mul_ps(av, sig)), load_f32(b + i, m)), m);
+    }
+  }
+}
+
+torch::Tensor swiglu(const torch::Tensor& h) {
+  TORCH_CHECK(h.device().is_cpu() && h.is_contiguous() && h.dim() >= 1 && h.size(-1) % 2 == 0 &&
+                  (h.scalar_type() == torch::kFloat32 || h.scalar_type() == torch::kBFloat16),
+              "swiglu: expected contiguous [..., 2H] fp32 or bf16, got ", h.sizes(), " ", h.scalar_type());
+  auto shape = h.sizes().vec();
+  const int64_t H = shape.back() / 2, R = H ? h.numel() / (2 * H) : 0;
+  shape.back() = H;
+  auto y = torch::empty(shape, h.options());
+  if (h.scalar_type() == torch::kFloat32) {
+    swiglu_rows<float>(h.data_ptr<float>(), y.data_ptr<float>(), R, H);
+  } else {
+    swiglu_rows<uint16_t>(reinterpret_cast<const uint16_t*>(h.data_ptr<at::BFloat16>()),
+                          reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), R, H);
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(groupgen, m) {
+  m.def("swiglu(Tensor h) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
 }
@@ -142,4 +195,5 @@ TORCH_LIBRARY_FRAGMENT(groupgen, m) {
 TORCH_LIBRARY_IMPL(groupgen, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
+  m.impl("swiglu", &swiglu);
 }

@@ -84,7 +84,7 @@ def _packed_mm(x: torch.Tensor, packed, w: torch.Tensor, b: torch.Tensor | None,
 
 
 # Packed weights live outside the modules (so deepcopy, .to() and state_dict never see them), one per
-# Linear, dropped with the module or by Linear.release_packed() (GPT.clear_cache after sampling).
+# Linear, dropped with the module or by Linear.release_packed() (GPT.release_packed after sampling).
 _PACKED: "weakref.WeakKeyDictionary[Linear, tuple]" = weakref.WeakKeyDictionary()
 
 
@@ -296,8 +296,12 @@ class FeedForward(nn.Module):
         self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        a, b = self.w13(x).split(self.hidden, -1)
-        return self.w2(F.silu(a) * b)
+        h = self.w13(x)
+        gated = cpu_decode.swiglu(h)   # decode sizes on the CPU: one pass, same math
+        if gated is None:
+            a, b = h.split(self.hidden, -1)
+            gated = F.silu(a) * b
+        return self.w2(gated)
 
 
 class Block(nn.Module):

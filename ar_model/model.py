@@ -276,9 +276,15 @@ class GPT(nn.Module):
         self._kv = [(buf[i, 0], buf[i, 1]) for i in range(cfg.n_layer)]
         self._filled = 0
 
-    def clear_cache(self) -> None:
-        """Free the KV cache and the decode-time packed weights (``layers.Linear``)."""
+    def clear_cache(self, release_packed: bool = True) -> None:
+        """Free the KV cache and (unless ``release_packed=False``) the decode-time packed weights of
+        ``layers.Linear``, which a sampler keeps across chunks (packing GPT-B takes ~0.3 s)."""
         self._kv, self._filled = None, 0
+        if release_packed:
+            self.release_packed()
+
+    def release_packed(self) -> None:
+        """Free the packed weight copies that CPU decoding made (``layers.Linear``)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.release_packed()

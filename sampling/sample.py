@@ -185,11 +185,14 @@ def chunk_seed(seed: int, chunk: int) -> int:
 
 @torch.inference_mode()
 def generate_codes(model, labels: torch.Tensor, plan: Plan, cfg: SamplingConfig,
-                   generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+                   generator: torch.Generator | None, device: torch.device,
+                   keep_packed: bool = False) -> torch.Tensor:
     """Codes ``[B, L, G]`` for ``labels [B]``: one prefill, then L cached decode steps.
 
     Guidance runs one forward on the doubled batch ``[cond; null]``; the picker draws once per
-    sample and feeds the same sub-index to both halves.
+    sample and feeds the same sub-index to both halves. The KV cache is freed at the end; the CPU's
+    packed decode weights too unless ``keep_packed`` (a caller making many chunks frees them once,
+    with ``model.release_packed()``).
     """
     L, G = plan.layout.L, plan.layout.G
     B = labels.shape[0]
@@ -213,7 +216,7 @@ def generate_codes(model, labels: torch.Tensor, plan: Plan, cfg: SamplingConfig,
                     h = model.decode(codes_t, pos)
     finally:
         if hasattr(model, "clear_cache"):
-            model.clear_cache()
+            model.clear_cache(release_packed=not keep_packed)
         model.train(was_training)
     return out
 
@@ -302,6 +305,18 @@ def run_shard(cfg: SamplingConfig, ckpt, out_dir, rank: int = 0, world: int = 1,
     load_s = time.perf_counter() - t0
     mine = list(range(rank, len(plan.chunks), world))
     done, skipped = [], []
+    try:
+        _make_chunks(cfg, models, plan, out, mine, device, rank, done, skipped)
+    finally:
+        if hasattr(models.model, "release_packed"):
+            models.model.release_packed()   # kept across this rank's chunks (packing once per run)
+    return {"rank": rank, "world_size": world, "chunks_done": done, "chunks_skipped": skipped,
+            "load_s": load_s, "wall_s": time.perf_counter() - t0, "device": str(device)}
+
+
+def _make_chunks(cfg: SamplingConfig, models: Models, plan: Plan, out: Path, mine: list[int],
+                 device: torch.device, rank: int, done: list[int], skipped: list[int]) -> None:
+    """Generate, decode and write each chunk of ``mine`` not already on disk (appends to done/skipped)."""
     for c in progress(mine, desc=f"sampling (rank {rank})", unit="chunk"):
         a, b = plan.chunks[c]
         labels = plan.labels[a:b]
@@ -312,7 +327,7 @@ def run_shard(cfg: SamplingConfig, ckpt, out_dir, rank: int = 0, world: int = 1,
         gen = torch.Generator(device=device)
         gen.manual_seed(chunk_seed(cfg.seed, c))
         t1 = time.perf_counter()
-        codes = generate_codes(models.model, torch.from_numpy(labels), plan, cfg, gen, device)
+        codes = generate_codes(models.model, torch.from_numpy(labels), plan, cfg, gen, device, keep_packed=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
@@ -322,8 +337,6 @@ def run_shard(cfg: SamplingConfig, ckpt, out_dir, rank: int = 0, world: int = 1,
                    codes=codes.cpu().numpy().astype(plan.layout.code_dtype()),
                    gen_s=np.float64(t2 - t1), decode_s=np.float64(t3 - t2))
         done.append(c)
-    return {"rank": rank, "world_size": world, "chunks_done": done, "chunks_skipped": skipped,
-            "load_s": load_s, "wall_s": time.perf_counter() - t0, "device": str(device)}
 
 
 # --- merging ------------------------------------------------------------------------------------

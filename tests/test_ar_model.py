@@ -382,7 +382,10 @@ def test_clear_cache_releases_packed_weights():
         h = m.prefill(torch.tensor([0, 1, 2, 0]))
         m.sample_position(h, lambda g, lg: lg.argmax(-1))
     lins = [x for x in m.modules() if isinstance(x, Linear)]
-    assert any(x in _PACKED for x in lins)
+    packed = [x for x in lins if x in _PACKED]
+    assert packed
+    m.clear_cache(release_packed=False)                         # a sampler between chunks
+    assert m._kv is None and all(x in _PACKED for x in packed)
     m.clear_cache()
     assert not any(x in _PACKED for x in lins)
 

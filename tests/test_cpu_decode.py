@@ -207,6 +207,24 @@ def test_pointwise_rope_equals_apply_rope(dtype, D):
     assert cpu_decode.rope(torch.randn(1, 2, 3, D), cos, sin) is None      # autograd on: PyTorch's ops
 
 
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [2048, 704, 19])
+def test_pointwise_swiglu_equals_silu_times_up(dtype, H):
+    g = torch.Generator().manual_seed(H)
+    h = (torch.randn(16, 1, 2 * H, generator=g) * 4).to(dtype)
+    h[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])                   # saturated and zero gates
+    with torch.no_grad():
+        y = cpu_decode.swiglu(h)
+    a, b = h.split(H, -1)
+    want = F.silu(a) * b
+    assert y is not None and y.shape == want.shape and y.dtype == dtype
+    err = (y.float() - want.float()).abs() / want.float().abs().clamp_min(1e-3)
+    assert err.max().item() < (2e-6 if dtype == torch.float32 else 8e-3)
+    if dtype == torch.bfloat16:   # rounding flips are rare (row 0: e^-x clamped at e^88 for x = -100)
+        assert (y[1:] != want[1:]).float().mean().item() < 1e-3
+
+
 def _check_topk(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) -> None:
     ref_vals = torch.topk(x, k).values
     assert vals.shape == idx.shape == (x.shape[0], k) and idx.dtype == torch.long
@@ -289,7 +307,7 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
                 p.normal_(0, 0.1)
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])                 # 8 rows: inside the kernel's range
     codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
-    calls = {"linear": 0, "attention": 0, "rms_norm": 0, "rope": 0}
+    calls = {"linear": 0, "attention": 0, "rms_norm": 0, "rope": 0, "swiglu": 0}
     for name in calls:
         def counted(*a, _f=getattr(cpu_decode, name), _n=name):
             out = _f(*a)
@@ -298,7 +316,8 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
         monkeypatch.setattr(cpu_decode, name, counted)
     with_kernels = _decode_logits(m, labels, codes)
     assert calls["linear"] > 0 and calls["attention"] == cfg.n_layer * (lay.L + 1)   # prefill + L steps
-    assert calls["rope"] == calls["attention"] and calls["rms_norm"] == (2 * cfg.n_layer + 1) * (lay.L + 1)
+    assert calls["rope"] == calls["swiglu"] == calls["attention"]
+    assert calls["rms_norm"] == (2 * cfg.n_layer + 1) * (lay.L + 1)
     with torch.no_grad():
         full = torch.cat(m(codes, labels), -1)
     monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})

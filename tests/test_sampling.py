@@ -265,7 +265,9 @@ def test_sharded_equals_single_and_resume(tmp_path, models):
     m = models["independent"]
     cfg = SamplingConfig(num_samples=10, classes="random", batch_size=3, cfg_scale=1.5, top_p=0.9, seed=3)
     single = tmp_path / "single"
+    from ar_model.layers import _PACKED
     sample(cfg, m, single, rank=0, world=1)
+    assert not any(x in _PACKED for x in m.model.modules())   # packs kept across chunks, freed at the end
     ref = _npz(single / "samples.npz")
     sh = tmp_path / "sharded"
     r0 = run_shard(cfg, m, sh, rank=0, world=2)
