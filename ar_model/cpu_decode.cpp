@@ -20,7 +20,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_decode_simd.h"
+
 namespace {
+
+using namespace groupgen_simd;
 
 constexpr int64_t kPrefetchFloats = 1024;   // 4 KB ahead in the weight stream (best of 64..4096)
 
@@ -102,29 +106,6 @@ torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& wp, const 
 // ------------------------------------------------------------------------------------------------
 // Decode attention: out[b, h] = softmax(q[b, h] . K[b, h/rep, :n]^T / sqrt(D)) @ V[b, h/rep, :n].
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const uint16_t* p) {   // bf16 -> fp32 is a 16-bit left shift
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-
-// e^x for x <= 0 (scores minus their max): 2^(x log2 e) = 2^n 2^f with |f| <= 1/2 and a degree-6
-// polynomial for 2^f (relative error ~2e-7, below fp32 rounding of the sums that follow).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 // Software prefetch distance of the cache stream: 4 KB (best of 1-8 KB for bf16 at prefixes 64 and 251;
 // fp32 is flat there). The stream is chained: the end of a K pass prefetches the start of V, the end
 // of V the next pair's K, so no pass starts cold on a page the hardware prefetcher has not seen.
@@ -159,7 +140,7 @@ void attend_one(const float* q, const T* K, const T* V, int64_t n, float scale, 
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; t += 16) {
     const __mmask16 m = n - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1u);
-    const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), vmax)));
+    const __m512 e = _mm512_maskz_mov_ps(m, exp_f32(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), vmax)));
     _mm512_mask_storeu_ps(s + t, m, e);
     vsum = _mm512_add_ps(vsum, e);
   }
