@@ -22,6 +22,13 @@
 #include <algorithm>
 #include <cstdint>
 
+// The AMX intrinsics need GCC >= 11 or Clang >= 12; older compilers build the rest of the extension
+// and report AMX as unavailable.
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define GROUPGEN_HAVE_AMX 1
+#else
+#define GROUPGEN_HAVE_AMX 0
+#endif
 #define GROUPGEN_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 namespace {
@@ -32,6 +39,7 @@ constexpr int64_t kAmxPrefetchBytes = 4096;
 // Linux grants this process the tile data permission (arch_prctl ARCH_REQ_XCOMP_PERM).
 bool amx_bf16_ready() {
   static const bool ready = [] {
+    if (!GROUPGEN_HAVE_AMX) return false;
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool tile = (d >> 24) & 1, amx_bf16 = (d >> 22) & 1;
@@ -57,6 +65,7 @@ torch::Tensor pack_bf16(const torch::Tensor& w) {
   return padded.view({NB, 16, KB, 16, 2}).permute({0, 2, 3, 1, 4}).contiguous();
 }
 
+#if GROUPGEN_HAVE_AMX
 struct TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -124,6 +133,8 @@ GROUPGEN_AMX void store_rows(const float* c, int rows, const uint16_t* bias, int
     _mm256_mask_storeu_epi16(y + r * ldy, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(c + r * 16), b)));
 }
 
+#endif  // GROUPGEN_HAVE_AMX
+
 torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
                           int64_t N) {
   TORCH_CHECK(amx_bf16_ready(), "linear_bf16: this CPU or kernel does not allow AMX bf16");
@@ -144,6 +155,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const
   }
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
+#if GROUPGEN_HAVE_AMX
   const int64_t NB = wp.size(0), KB = wp.size(1);
   // Tiles read 32 columns at a time: pad K with zeros unless it is already a multiple of 32.
   const torch::Tensor xa = K % 32 == 0 ? x.contiguous()
@@ -173,6 +185,7 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const
     }
     release_tiles();   // leave the tile state as found: oneDNN configures its own per call
   });
+#endif
   return y;
 }
 
