@@ -1,7 +1,7 @@
 // AVX-512 CPU kernels for one decode step: a GEMM for a few rows against a prepacked fp32 weight,
 // attention of one query per head over a filled KV-cache prefix (fp32 or bf16 cache), and the top-k
 // selection of the sampler.
-// Built on first use by ar_model/cpu_decode.py; everything here has a PyTorch fallback there.
+// Built on first use by ar_model/cpu_kernels.py; everything here has a PyTorch fallback there.
 //
 // Why: at decode sizes MKL's sgemm and SDPA leave memory bandwidth unused on the CPU (measured
 // ~10-12 GB/s against ~16-17 GB/s for a streaming sum on 2 cores). Both kernels below stream their
@@ -20,7 +20,7 @@
 #include <cstring>
 #include <vector>
 
-#include "cpu_decode_simd.h"
+#include "cpu_simd.h"
 
 namespace {
 

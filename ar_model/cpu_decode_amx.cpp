@@ -1,5 +1,5 @@
 // bf16 GEMM for a few rows on Intel AMX: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 32, bf16 in and
-// out, fp32 accumulation. Part of the groupgen_cpu_decode extension (see cpu_decode.py).
+// out, fp32 accumulation. Part of the groupgen_cpu_kernels extension (see cpu_kernels.py).
 //
 // Why: at decode sizes (16 rows: 8 images x 2 for guidance) oneDNN's AMX matmul reads a GPT-B step's
 // 222 MB of bf16 weights at ~10 GB/s; a streaming read runs at ~16-17 GB/s on this machine's 2 cores.

@@ -1,6 +1,6 @@
 // RMSNorm, rotary embedding and the SwiGLU gate for decode-sized inputs (a few rows), fp32 or bf16,
 // in one pass each.
-// Part of the groupgen_cpu_decode extension (see cpu_decode.py).
+// Part of the groupgen_cpu_kernels extension (see cpu_kernels.py).
 //
 // Why: at decode sizes these are chains of small PyTorch ops, each paying dispatch and allocation:
 // a GPT-B layer step at 16 rows spent ~88 us per RMSNorm (8 ops) and ~217 us on RoPE (7 ops), about
@@ -14,7 +14,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "cpu_decode_simd.h"
+#include "cpu_simd.h"
 
 namespace {
 

@@ -4,7 +4,7 @@ Pre-norm RMSNorm (fp32 inside), fused-qkv attention with optional GQA and rotary
 (interleaved pairs, as LlamaGen), SwiGLU with the gate and up projections fused in one matmul.
 Two attention paths: ``forward`` over a whole causal sequence (``causal_attention``), and ``step``
 that writes one token into a preallocated cache and attends to the filled prefix only (no mask;
-on the CPU with ``cpu_decode``'s kernel where it is built). Linear layers are ``Linear`` (an
+on the CPU with ``cpu_kernels``'s kernel where it is built). Linear layers are ``Linear`` (an
 ``nn.Linear`` that packs its weight once for CPU decoding).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 
 
 def ffn_hidden(dim: int, ffn_mult: float, multiple_of: int) -> int:
@@ -96,7 +96,7 @@ class Linear(nn.Linear):
     since each call reads its whole weight anyway. Without autograd, for a few rows, this layer
     packs its weight once and reuses it until the weight or the path changes or
     ``release_packed()`` is called. Paths, by dtype and row count:
-    - ``kernel``: groupgen's own GEMM (``cpu_decode``, where built): fp32 with AVX-512 for 4..32
+    - ``kernel``: groupgen's own GEMM (``cpu_kernels``, where built): fp32 with AVX-512 for 4..32
       rows, bf16 with AMX for 1..32 rows;
     - ``packed``: the library GEMM on a weight packed for that row count (MKL's packed sgemm for
       fp32, oneDNN for bf16), up to ``MAX_ROWS`` rows;
@@ -110,7 +110,7 @@ class Linear(nn.Linear):
     # missing from MIN_ROWS have no packed kernel.
     MAX_ROWS = 64
     MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}
-    # Rows taken by cpu_decode's kernels where they run. fp32: MKL's packed GEMM is as fast at 32
+    # Rows taken by cpu_kernels's kernels where they run. fp32: MKL's packed GEMM is as fast at 32
     # rows and faster at 64 (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms); bf16 (AMX) handles at
     # most 32 rows and beats oneDNN from 1 row on.
     KERNEL_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
@@ -120,7 +120,7 @@ class Linear(nn.Linear):
     def path(cls, dtype: torch.dtype, rows: int) -> str | None:
         """``"kernel"``, ``"packed"`` or None (``F.linear``) for ``rows`` rows of ``dtype``."""
         if (cls.KERNEL_MIN_ROWS.get(dtype, cls.KERNEL_MAX_ROWS + 1) <= rows <= cls.KERNEL_MAX_ROWS
-                and cpu_decode.linear_supports(dtype)):
+                and cpu_kernels.linear_supports(dtype)):
             return "kernel"
         if cls.MIN_ROWS.get(dtype, cls.MAX_ROWS + 1) <= rows <= cls.MAX_ROWS:
             return "packed"
@@ -148,13 +148,13 @@ class Linear(nn.Linear):
         key = (w.data_ptr(), w._version, w.dtype, "kernel" if kernel else rows)
         hit = _PACKED.get(self)
         if hit is None or hit[0] != key:
-            hit = (key, cpu_decode.pack(w) if kernel else _pack_weight(w, rows))
+            hit = (key, cpu_kernels.pack(w) if kernel else _pack_weight(w, rows))
             _PACKED[self] = hit
         packed = hit[1]
         if packed is None:
             return None
         if kernel:
-            return cpu_decode.linear(x, packed, b, w.shape[0])
+            return cpu_kernels.linear(x, packed, b, w.shape[0])
         return _packed_mm(x, packed, w, b, rows)
 
     def release_packed(self) -> None:
@@ -186,7 +186,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_decode.rms_norm(x, self.weight, self.eps)   # decode sizes on the CPU: one pass, same math
+        y = cpu_kernels.rms_norm(x, self.weight, self.eps)   # decode sizes on the CPU: one pass, same math
         if y is not None:
             return y
         # fp32 inside: bf16 mean-of-squares loses too much precision.
@@ -256,7 +256,7 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).unflatten(-1, (H + 2 * Hk, self.head_dim))    # [B, T, heads, hd]
         qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]
         if cos is not None:   # q and k rotated in one pass (half the elementwise ops)
-            rotated = cpu_decode.rope(qk, cos, sin)   # decode sizes on the CPU: one kernel
+            rotated = cpu_kernels.rope(qk, cos, sin)   # decode sizes on the CPU: one kernel
             qk = rotated if rotated is not None else apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hk], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -282,7 +282,7 @@ class Attention(nn.Module):
         q = q.to(kc.dtype)
         o = None
         if kc.device.type == "cpu" and not torch.is_grad_enabled():
-            o = cpu_decode.attention(q, kc, vc, idx + 1)
+            o = cpu_kernels.attention(q, kc, vc, idx + 1)
         if o is None:
             o = F.scaled_dot_product_attention(q, kc[:, :, : idx + 1], vc[:, :, : idx + 1], **self._sdpa_kw)
         return self._out(o)
@@ -297,7 +297,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         h = self.w13(x)
-        gated = cpu_decode.swiglu(h)   # decode sizes on the CPU: one pass, same math
+        gated = cpu_kernels.swiglu(h)   # decode sizes on the CPU: one pass, same math
         if gated is None:
             a, b = h.split(self.hidden, -1)
             gated = F.silu(a) * b

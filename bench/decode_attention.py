@@ -1,4 +1,4 @@
-"""Decode attention on the CPU: SDPA vs ``ar_model.cpu_decode``'s kernel, at GPT-B's shapes.
+"""Decode attention on the CPU: SDPA vs ``ar_model.cpu_kernels``'s kernel, at GPT-B's shapes.
 
     python bench/decode_attention.py [--quick] [--json out.json]
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 
 
 def main(argv=None) -> dict:
@@ -28,8 +28,8 @@ def main(argv=None) -> dict:
     B, H, D, T, layers = (2, 2, 16, 33, 2) if a.quick else (16, 12, 64, 257, 12)
     lengths = [5, 33] if a.quick else [int(n) for n in a.lengths.split(",")]
     reps = 2 if a.quick else a.reps
-    if cpu_decode.kernels() is None:
-        raise SystemExit(f"decode_attention: no kernel to compare ({cpu_decode.unavailable_reason()})")
+    if cpu_kernels.kernels() is None:
+        raise SystemExit(f"decode_attention: no kernel to compare ({cpu_kernels.unavailable_reason()})")
     R: dict = {"machine": machine_info(a.threads), "shape": [B, H, T, D], "layers": layers, "lengths": {}}
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
         q = torch.randn(B, H, 1, D, generator=g).to(dtype)
         for n in lengths:
             cases = {"sdpa": lambda: [F.scaled_dot_product_attention(q, k[:, :, :n], v[:, :, :n]) for k, v in caches],
-                     "kernel": lambda: [cpu_decode.attention(q, k, v, n) for k, v in caches]}
+                     "kernel": lambda: [cpu_kernels.attention(q, k, v, n) for k, v in caches]}
             with torch.inference_mode():
                 t = interleave(cases, reps, warmup=1, log=None)
             gbytes = layers * 2 * B * H * n * D * q.element_size() / 1e9

@@ -8,7 +8,7 @@ memory) run for a few row counts, without autograd:
 - ``F.linear``: PyTorch's CPU GEMM, which brings the weight into its blocked layout on every call;
 - ``packed``: the weight packed once into the library GEMM's layout (MKL packed sgemm for fp32,
   oneDNN for bf16) and reused;
-- ``kernel`` (where ``ar_model.cpu_decode`` is built): groupgen's GEMM on its own packed layout,
+- ``kernel`` (where ``ar_model.cpu_kernels`` is built): groupgen's GEMM on its own packed layout,
   AVX-512 for fp32, AMX for bf16 up to 32 rows (where the CPU and OS allow AMX).
 ``Linear.path`` picks ``kernel`` in ``Linear.KERNEL_MIN_ROWS..KERNEL_MAX_ROWS`` rows, ``packed``
 otherwise in its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 from ar_model.layers import _pack_weight, _packed_mm
 
 GPT_B = [(2304, 768), (768, 768), (4096, 768), (768, 2048)] * 12 + [(16384, 768)]
@@ -39,19 +39,19 @@ def main(argv=None) -> dict:
     shapes = MICRO if a.quick else GPT_B
     reps = 2 if a.quick else a.reps
     R: dict = {"machine": machine_info(a.threads), "rows": {}}
-    R["kernels"] = cpu_decode.unavailable_reason() or ("built, AMX bf16" if cpu_decode.amx_bf16() else "built")
+    R["kernels"] = cpu_kernels.unavailable_reason() or ("built, AMX bf16" if cpu_kernels.amx_bf16() else "built")
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         ws = [torch.randn(n, k, generator=g).to(dtype) for n, k in shapes]
         gbytes = sum(w.numel() * w.element_size() for w in ws) / 1e9
-        kernel_packs = [cpu_decode.pack(w) for w in ws] if cpu_decode.linear_supports(dtype) else None
+        kernel_packs = [cpu_kernels.pack(w) for w in ws] if cpu_kernels.linear_supports(dtype) else None
         for rows in (int(r) for r in a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
             packs = [_pack_weight(w, rows) for w in ws]
             cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
                      "packed": lambda: [_packed_mm(xs[w.shape[1]], p, w, None, rows) for w, p in zip(ws, packs)]}
             if kernel_packs is not None and (dtype == torch.float32 or rows <= 32):   # AMX: up to 32 rows
-                cases["kernel"] = lambda: [cpu_decode.linear(xs[w.shape[1]], p, None, w.shape[0])
+                cases["kernel"] = lambda: [cpu_kernels.linear(xs[w.shape[1]], p, None, w.shape[0])
                                            for w, p in zip(ws, kernel_packs)]
             with torch.inference_mode():
                 t = interleave(cases, reps, warmup=1, log=None)

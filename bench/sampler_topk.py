@@ -1,4 +1,4 @@
-"""The sampler's top-k filter on the CPU: ``torch.topk`` vs ``ar_model.cpu_decode.topk``.
+"""The sampler's top-k filter on the CPU: ``torch.topk`` vs ``ar_model.cpu_kernels.topk``.
 
     python bench/sampler_topk.py [--quick] [--json out.json]
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 
 SHAPES = [(8, 16384, 2000), (8, 2048, 256)]
 QUICK = [(2, 64, 8)]
@@ -29,14 +29,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--calls", type=int, default=200, help="calls per timed batch")
     a = parse_bench_args(ap, argv)
     calls = 5 if a.quick else a.calls
-    R: dict = {"machine": machine_info(a.threads), "kernels": cpu_decode.unavailable_reason() or "built",
+    R: dict = {"machine": machine_info(a.threads), "kernels": cpu_kernels.unavailable_reason() or "built",
                "shapes": {}}
     for rows, K, k in QUICK if a.quick else SHAPES:
         x = torch.randn(rows, K, generator=torch.Generator().manual_seed(0)) * 3
         cases = {"torch.topk": lambda: [torch.topk(x, k, sorted=False) for _ in range(calls)],
                  "torch.topk sorted": lambda: [torch.topk(x, k) for _ in range(calls)]}
-        if cpu_decode.kernels() is not None:
-            cases["kernel"] = lambda: [cpu_decode.topk(x, k) for _ in range(calls)]
+        if cpu_kernels.kernels() is not None:
+            cases["kernel"] = lambda: [cpu_kernels.topk(x, k) for _ in range(calls)]
         t = interleave(cases, 2 if a.quick else a.reps, warmup=1, log=None)
         row = {n: {"us": 1e6 * median(v) / calls, "s": spread(v),
                    "ratio": median(t["torch.topk"]) / median(v)} for n, v in t.items()}

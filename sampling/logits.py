@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 
 
 def per_group(value, G: int, name: str) -> list:
@@ -68,7 +68,7 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
         # Only top-p needs the kept logits in order. Without it, the CPU kernel (kept columns in
         # index order, ~7x faster than torch.topk) where built, else an unsorted torch.topk (~1.5x
         # cheaper than a sorted one).
-        picked = cpu_decode.topk(logits, s.top_k) if s.top_p >= 1.0 else None
+        picked = cpu_kernels.topk(logits, s.top_k) if s.top_p >= 1.0 else None
         if picked is not None:
             logits, idx = picked
         else:

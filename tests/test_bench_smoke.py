@@ -3,7 +3,7 @@ between benchmark sessions. No timing is asserted."""
 import pytest
 import torch
 
-from ar_model import cpu_decode
+from ar_model import cpu_kernels
 from bench import decode_attention, decode_linear, sampler_topk
 
 
@@ -11,14 +11,14 @@ def test_decode_linear_bench_quick(tmp_path):
     out = tmp_path / "lin.json"
     R = decode_linear.main(["--quick", "--rows", "4,16", "--json", str(out)])
     assert out.exists() and set(R["rows"]) == {"float32:4", "float32:16", "bfloat16:4", "bfloat16:16"}
-    kernel = {"float32": cpu_decode.linear_supports(torch.float32), "bfloat16": cpu_decode.linear_supports(torch.bfloat16)}
+    kernel = {"float32": cpu_kernels.linear_supports(torch.float32), "bfloat16": cpu_kernels.linear_supports(torch.bfloat16)}
     for key, row in R["rows"].items():
         assert {"F.linear", "packed"} <= set(row) and ("kernel" in row) == kernel[key.split(":")[0]]
         assert all(c["ms"] > 0 and c["ratio"] > 0 for c in row.values())
 
 
 def test_decode_attention_bench_quick(tmp_path):
-    if cpu_decode.kernels() is None:
+    if cpu_kernels.kernels() is None:
         with pytest.raises(SystemExit, match="no kernel"):
             decode_attention.main(["--quick"])
         return
@@ -30,5 +30,5 @@ def test_decode_attention_bench_quick(tmp_path):
 def test_sampler_topk_bench_quick(tmp_path):
     R = sampler_topk.main(["--quick", "--json", str(tmp_path / "topk.json")])
     row = R["shapes"]["2x64:k=8"]
-    assert {"torch.topk", "torch.topk sorted"} <= set(row) and ("kernel" in row) == (cpu_decode.kernels() is not None)
+    assert {"torch.topk", "torch.topk sorted"} <= set(row) and ("kernel" in row) == (cpu_kernels.kernels() is not None)
     assert all(c["us"] > 0 and c["ratio"] > 0 for c in row.values())

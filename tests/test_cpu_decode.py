@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_model import GPT, cpu_decode, gpt_config
+from ar_model import GPT, cpu_kernels, gpt_config
 from ar_model.layers import _PACKED, Linear
 from groupgen.layout import TokenLayout
 
-needs_avx512 = pytest.mark.skipif(not cpu_decode._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+needs_avx512 = pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
 
 
 def _amx_here() -> bool:
-    return cpu_decode._cpu_has_avx512f() and cpu_decode.amx_bf16()
+    return cpu_kernels._cpu_has_avx512f() and cpu_kernels.amx_bf16()
 
 
 needs_amx = pytest.mark.skipif(not _amx_here(), reason="no AMX-BF16 here (CPU, OS permission or no kernels)")
@@ -26,13 +26,13 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def no_kernels(monkeypatch):
     """As on a machine where the kernels could not be built."""
-    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
 
 
 @needs_avx512
 def test_kernels_build_on_an_avx512_cpu():
-    assert cpu_decode.kernels() is not None, cpu_decode.unavailable_reason()
-    assert cpu_decode.unavailable_reason() == ""
+    assert cpu_kernels.kernels() is not None, cpu_kernels.unavailable_reason()
+    assert cpu_kernels.unavailable_reason() == ""
 
 
 @needs_avx512
@@ -40,12 +40,12 @@ def test_kernels_build_on_an_avx512_cpu():
 def test_linear_kernel_equals_fp64_reference(n, k):
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
-    packed = cpu_decode.pack(w)
+    packed = cpu_kernels.pack(w)
     assert packed.shape == ((n + 15) // 16, k, 16)
     for m in (1, 3, 16, 17, 40):                      # row tiles of 16 plus remainders
         x = torch.randn(m, k, generator=g)
         for bias in (None, b):
-            y = cpu_decode.linear(x, packed, bias, n)
+            y = cpu_kernels.linear(x, packed, bias, n)
             ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
             assert y.shape == (m, n) and y.dtype == torch.float32
             assert _rel(y, ref) < 2e-6
@@ -56,17 +56,17 @@ def test_kernels_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(200, 64, generator=g), torch.randn(16, 64, generator=g)
     q, kc, vc = torch.randn(4, 6, 1, 32, generator=g), torch.randn(4, 3, 30, 32, generator=g), torch.randn(4, 3, 30, 32, generator=g)
-    packed = cpu_decode.pack(w)
+    packed = cpu_kernels.pack(w)
     before = torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append((cpu_decode.linear(x, packed, None, 200), cpu_decode.attention(q, kc, vc, 25),
-                         *cpu_decode.topk(torch.randn(64, 2048, generator=torch.Generator().manual_seed(2)), 300)))
+            outs.append((cpu_kernels.linear(x, packed, None, 200), cpu_kernels.attention(q, kc, vc, 25),
+                         *cpu_kernels.topk(torch.randn(64, 2048, generator=torch.Generator().manual_seed(2)), 300)))
             if _amx_here():
                 wb = torch.randn(1000, 768, generator=torch.Generator().manual_seed(3)).bfloat16()
-                outs[-1] += (cpu_decode.linear(x.bfloat16().repeat(1, 12), cpu_decode.pack(wb), None, 1000),)
+                outs[-1] += (cpu_kernels.linear(x.bfloat16().repeat(1, 12), cpu_kernels.pack(wb), None, 1000),)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -74,13 +74,13 @@ def test_kernels_do_not_depend_on_the_thread_count():
 
 @needs_avx512
 def test_linear_kernel_rejects_mismatched_shapes():
-    packed = cpu_decode.pack(torch.randn(32, 16))
+    packed = cpu_kernels.pack(torch.randn(32, 16))
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_decode.linear(torch.randn(4, 17), packed, None, 32)
+        cpu_kernels.linear(torch.randn(4, 17), packed, None, 32)
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_decode.linear(torch.randn(4, 16), packed, None, 40)
+        cpu_kernels.linear(torch.randn(4, 16), packed, None, 40)
     with pytest.raises(RuntimeError, match="bias"):
-        cpu_decode.linear(torch.randn(4, 16), packed, torch.randn(31), 32)
+        cpu_kernels.linear(torch.randn(4, 16), packed, torch.randn(31), 32)
 
 
 @needs_avx512
@@ -92,7 +92,7 @@ def test_decode_attention_equals_sdpa(dtype, d, h, hk):
     q = torch.randn(B, h, 1, d, generator=g).to(dtype)
     kc, vc = (torch.randn(B, hk, T, d, generator=g).to(dtype) for _ in range(2))
     for n in (1, 2, 17, 40, T):                       # n = 1: the output is V's first row
-        o = cpu_decode.attention(q, kc, vc, n)
+        o = cpu_kernels.attention(q, kc, vc, n)
         assert o.shape == q.shape and o.dtype == dtype
         k, v = (c[:, :, :n].double().repeat_interleave(h // hk, 1) for c in (kc, vc))
         ref = F.scaled_dot_product_attention(q.double(), k, v)
@@ -108,13 +108,13 @@ def test_decode_attention_equals_sdpa(dtype, d, h, hk):
 @needs_avx512
 def test_decode_attention_leaves_unsupported_cases_to_sdpa():
     q, kc = torch.randn(2, 2, 1, 24), torch.randn(2, 2, 9, 24)
-    assert cpu_decode.attention(q, kc, kc, 5) is None                     # head_dim 24
+    assert cpu_kernels.attention(q, kc, kc, 5) is None                     # head_dim 24
     q, kc = torch.randn(2, 2, 1, 16).half(), torch.randn(2, 2, 9, 16).half()
-    assert cpu_decode.attention(q, kc, kc, 5) is None                     # fp16
+    assert cpu_kernels.attention(q, kc, kc, 5) is None                     # fp16
     kc = torch.randn(2, 9, 2, 16).transpose(1, 2)
-    assert cpu_decode.attention(q.float(), kc, kc, 5) is None             # strided cache
+    assert cpu_kernels.attention(q.float(), kc, kc, 5) is None             # strided cache
     with pytest.raises(RuntimeError, match="outside"):
-        cpu_decode.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
+        cpu_kernels.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
 
 
 @needs_amx
@@ -122,12 +122,12 @@ def test_decode_attention_leaves_unsupported_cases_to_sdpa():
 def test_amx_bf16_linear_matches_fp64_like_onednn(n, k):
     g = torch.Generator().manual_seed(n + k)
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    packed = cpu_decode.pack(w)
+    packed = cpu_kernels.pack(w)
     assert packed.shape == ((n + 15) // 16, (k + 31) // 32, 16, 16, 2) and packed.dtype == torch.bfloat16
     for m in (1, 5, 16, 17, 32):                      # one or two row tiles, partial ones
         x = torch.randn(m, k, generator=g).bfloat16()
         for bias in (None, b):
-            y = cpu_decode.linear(x, packed, bias, n)
+            y = cpu_kernels.linear(x, packed, bias, n)
             ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             # fp32 accumulation, one rounding to bf16: as accurate as PyTorch's own bf16 linear
@@ -137,13 +137,13 @@ def test_amx_bf16_linear_matches_fp64_like_onednn(n, k):
 @needs_amx
 def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
     w = torch.randn(64, 96).bfloat16()
-    packed = cpu_decode.pack(w)
+    packed = cpu_kernels.pack(w)
     with pytest.raises(RuntimeError, match="M <= 32"):
-        cpu_decode.linear(torch.randn(33, 96).bfloat16(), packed, None, 64)
+        cpu_kernels.linear(torch.randn(33, 96).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_decode.linear(torch.randn(4, 128).bfloat16(), packed, None, 64)
+        cpu_kernels.linear(torch.randn(4, 128).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_decode.linear(torch.randn(4, 96).bfloat16(), packed, None, 90)
+        cpu_kernels.linear(torch.randn(4, 96).bfloat16(), packed, None, 90)
     # oneDNN configures the AMX tiles itself: its results are the same after our kernel ran
     from ar_model.layers import _pack_weight, _packed_mm
     x = torch.randn(16, 96).bfloat16()
@@ -151,7 +151,7 @@ def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
     if onednn is None:
         pytest.skip("no oneDNN packed linear in this PyTorch build")
     before = _packed_mm(x, onednn, w, None, 16)
-    ours = cpu_decode.linear(x, packed, None, 64)
+    ours = cpu_kernels.linear(x, packed, None, 64)
     after = _packed_mm(x, onednn, w, None, 16)
     assert torch.equal(before, after) and _rel(ours, F.linear(x.double(), w.double())) < 4e-3
 
@@ -168,7 +168,7 @@ def test_pointwise_rms_norm_equals_the_pytorch_formulation(dtype, D):
     for shape in [(1, D), (16, 1, D), (3, 7, D)]:
         x = (torch.randn(*shape, generator=g) * 3).to(dtype)
         with torch.no_grad():
-            y = cpu_decode.rms_norm(x, norm.weight, norm.eps)
+            y = cpu_kernels.rms_norm(x, norm.weight, norm.eps)
             y_layer = norm(x)
         assert y is not None and y.dtype == dtype and y.shape == x.shape
         assert torch.equal(y, y_layer)                                   # the layer takes the kernel
@@ -178,8 +178,8 @@ def test_pointwise_rms_norm_equals_the_pytorch_formulation(dtype, D):
         assert ((y.float() - want.float()).abs() <= tol * want.float().abs().clamp_min(1)).all()
         if dtype == torch.bfloat16:                                      # rounding flips are rare
             assert (y != want).float().mean().item() < 1e-3
-    assert cpu_decode.rms_norm(torch.randn(65, D).to(dtype), norm.weight, 1e-5) is None   # not decode-sized
-    assert cpu_decode.rms_norm(torch.randn(2, D).to(dtype).requires_grad_(), norm.weight, 1e-5) is None
+    assert cpu_kernels.rms_norm(torch.randn(65, D).to(dtype), norm.weight, 1e-5) is None   # not decode-sized
+    assert cpu_kernels.rms_norm(torch.randn(2, D).to(dtype).requires_grad_(), norm.weight, 1e-5) is None
 
 
 @needs_avx512
@@ -194,7 +194,7 @@ def test_pointwise_rope_equals_apply_rope(dtype, D):
         qk = qkv[:, :, : 2 * H]                                          # strided rows, as in Attention
         cos, sin = torch.cos(ang[7 : 7 + T]).float(), torch.sin(ang[7 : 7 + T]).float()
         with torch.no_grad():
-            y = cpu_decode.rope(qk, cos, sin)
+            y = cpu_kernels.rope(qk, cos, sin)
             want = apply_rope(qk, cos, sin)
         assert y is not None and y.shape == want.shape and y.dtype == dtype
         if dtype == torch.float32:
@@ -203,8 +203,8 @@ def test_pointwise_rope_equals_apply_rope(dtype, D):
             assert ((y.float() - want.float()).abs() <= 8e-3 * want.float().abs().clamp_min(1e-2)).all()
             assert (y != want).float().mean().item() < 1e-3
     with torch.no_grad(), pytest.raises(RuntimeError, match="tables"):
-        cpu_decode.rope(torch.randn(1, 2, 3, D), torch.randn(1, D // 2), torch.randn(1, D // 2))
-    assert cpu_decode.rope(torch.randn(1, 2, 3, D), cos, sin) is None      # autograd on: PyTorch's ops
+        cpu_kernels.rope(torch.randn(1, 2, 3, D), torch.randn(1, D // 2), torch.randn(1, D // 2))
+    assert cpu_kernels.rope(torch.randn(1, 2, 3, D), cos, sin) is None      # autograd on: PyTorch's ops
 
 
 @needs_avx512
@@ -215,7 +215,7 @@ def test_pointwise_swiglu_equals_silu_times_up(dtype, H):
     h = (torch.randn(16, 1, 2 * H, generator=g) * 4).to(dtype)
     h[0, 0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])                   # saturated and zero gates
     with torch.no_grad():
-        y = cpu_decode.swiglu(h)
+        y = cpu_kernels.swiglu(h)
     a, b = h.split(H, -1)
     want = F.silu(a) * b
     assert y is not None and y.shape == want.shape and y.dtype == dtype
@@ -245,10 +245,10 @@ def test_topk_kernel_selects_the_k_largest_in_index_order(K, k):
               torch.randn(5, K, generator=g).bfloat16().float(),         # bf16 logits: many ties
               torch.randint(-2, 3, (5, K), generator=g).float(),         # mostly ties
               -torch.rand(5, K, generator=g)):                           # all negative
-        vals, idx = cpu_decode.topk(x, k)
+        vals, idx = cpu_kernels.topk(x, k)
         _check_topk(x, k, vals, idx)
     x = torch.randn(2, 3, K, generator=g).bfloat16()                     # leading dims and bf16 in
-    vals, idx = cpu_decode.topk(x, k)
+    vals, idx = cpu_kernels.topk(x, k)
     assert vals.shape == (2, 3, k) and vals.dtype == torch.bfloat16
     _check_topk(x.float().reshape(6, K), k, vals.float().reshape(6, k), idx.reshape(6, k))
 
@@ -258,14 +258,14 @@ def test_topk_kernel_errors_and_unsupported_cases():
     x = torch.randn(3, 50)
     x[1, 7] = float("nan")
     with pytest.raises(RuntimeError, match="row 1 of the logits contains NaN"):
-        cpu_decode.topk(x, 4)
+        cpu_kernels.topk(x, 4)
     with pytest.raises(RuntimeError, match="outside 1..50"):
-        cpu_decode.topk(torch.randn(3, 50), 51)
-    assert cpu_decode.topk(torch.randn(3, 50).half(), 4) is None
+        cpu_kernels.topk(torch.randn(3, 50), 51)
+    assert cpu_kernels.topk(torch.randn(3, 50).half(), 4) is None
 
 
 def test_topk_is_none_without_kernels(no_kernels):
-    assert cpu_decode.topk(torch.randn(3, 50), 4) is None
+    assert cpu_kernels.topk(torch.randn(3, 50), 4) is None
 
 
 @needs_avx512
@@ -309,18 +309,18 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
     codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
     calls = {"linear": 0, "attention": 0, "rms_norm": 0, "rope": 0, "swiglu": 0}
     for name in calls:
-        def counted(*a, _f=getattr(cpu_decode, name), _n=name):
+        def counted(*a, _f=getattr(cpu_kernels, name), _n=name):
             out = _f(*a)
             calls[_n] += out is not None                             # calls the kernel took
             return out
-        monkeypatch.setattr(cpu_decode, name, counted)
+        monkeypatch.setattr(cpu_kernels, name, counted)
     with_kernels = _decode_logits(m, labels, codes)
     assert calls["linear"] > 0 and calls["attention"] == cfg.n_layer * (lay.L + 1)   # prefill + L steps
     assert calls["rope"] == calls["swiglu"] == calls["attention"]
     assert calls["rms_norm"] == (2 * cfg.n_layer + 1) * (lay.L + 1)
     with torch.no_grad():
         full = torch.cat(m(codes, labels), -1)
-    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
     without = _decode_logits(m, labels, codes)
     assert (with_kernels - without).abs().max().item() < 1e-5
     assert (with_kernels - full).abs().max().item() < 1e-5
@@ -342,13 +342,13 @@ def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch):
     ref = _decode_logits(m, labels, codes).double()                      # fp32 model: the reference
     mb = m.to(torch.bfloat16)
     calls = {"bf16": 0}
-    def counted(x, *a, _f=cpu_decode.linear):
+    def counted(x, *a, _f=cpu_kernels.linear):
         calls["bf16"] += x.dtype == torch.bfloat16
         return _f(x, *a)
-    monkeypatch.setattr(cpu_decode, "linear", counted)
+    monkeypatch.setattr(cpu_kernels, "linear", counted)
     amx = _decode_logits(mb, labels, codes)
     assert calls["bf16"] > 0
-    monkeypatch.setattr(cpu_decode, "_state", {"tried": True, "ext": None, "why": "test"})
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
     onednn = _decode_logits(mb, labels, codes)
     err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(amx) <= 1.25 * err(onednn) + 1e-3, (err(amx), err(onednn))
@@ -357,14 +357,14 @@ def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch):
 def test_failed_build_warns_once_and_falls_back(monkeypatch):
     def broken():
         raise RuntimeError("no compiler here")
-    monkeypatch.setattr(cpu_decode, "_state", {"tried": False, "ext": None, "why": ""})
-    monkeypatch.setattr(cpu_decode, "_build", broken)
-    monkeypatch.setattr(cpu_decode, "_cpu_has_avx512f", lambda: True)
-    monkeypatch.setattr(cpu_decode.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ext": None, "why": ""})
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_cpu_has_avx512f", lambda: True)
+    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
     monkeypatch.delenv("GROUPGEN_CPU_KERNELS", raising=False)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
-        assert cpu_decode.kernels() is None
-    assert "no compiler here" in cpu_decode.unavailable_reason()
+        assert cpu_kernels.kernels() is None
+    assert "no compiler here" in cpu_kernels.unavailable_reason()
     lin = Linear(48, 80)
     with torch.no_grad():
         x = torch.randn(16, 48)
@@ -374,8 +374,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
 
 
 def test_kernels_can_be_turned_off(monkeypatch, no_kernels):
-    monkeypatch.setattr(cpu_decode, "_state", {"tried": False, "ext": None, "why": ""})
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ext": None, "why": ""})
     monkeypatch.setenv("GROUPGEN_CPU_KERNELS", "0")
-    assert cpu_decode.kernels() is None
-    assert "GROUPGEN_CPU_KERNELS" in cpu_decode.unavailable_reason()
-    assert cpu_decode.attention(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), 2) is None
+    assert cpu_kernels.kernels() is None
+    assert "GROUPGEN_CPU_KERNELS" in cpu_kernels.unavailable_reason()
+    assert cpu_kernels.attention(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), 2) is None

@@ -1,4 +1,4 @@
-// AVX-512 helpers shared by the groupgen_cpu_decode sources (cpu_decode*.cpp): fp32 / bf16 loads and
+// AVX-512 helpers shared by the groupgen_cpu_kernels sources (cpu_decode*.cpp): fp32 / bf16 loads and
 // stores, tail masks, and e^x.
 #pragma once
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_decode_simd.h")]   # hashed with the sources (a change rebuilds)
+HEADERS = [Path(__file__).with_name("cpu_simd.h")]   # hashed with the sources (a change rebuilds)
 # Pointwise kernels take inputs of at most this many rows (decode steps); larger ones keep PyTorch's ops.
 POINTWISE_MAX_ROWS = 64
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp"]
@@ -89,7 +89,7 @@ def _build():
     # changes, so two checkouts sharing one cache would otherwise rebuild each other's copy.
     digest = hashlib.sha256(b"".join(p.read_bytes() + str(p.resolve()).encode() for p in SOURCES + HEADERS)
                             + " ".join(_CFLAGS).encode() + torch.__version__.encode())
-    name = f"groupgen_cpu_decode_{digest.hexdigest()[:12]}"
+    name = f"groupgen_cpu_kernels_{digest.hexdigest()[:12]}"
     root = Path(cpp_extension.get_default_build_root())
     if not any(root.glob(f"**/{name}/{name}.so")):
         print(f"groupgen: building the CPU decode kernels once (about a minute) under {root}",
