@@ -9,6 +9,7 @@
 // rounds to bf16, so they differ from it only by fp32 rounding: the summation order of RMSNorm's mean
 // of squares, the exp polynomial of SwiGLU's sigmoid (~2e-7 relative).
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -19,6 +20,10 @@
 namespace {
 
 using namespace groupgen_simd;
+
+// Rows per parallel task: decode inputs (a few rows) run inline on the calling thread; training-sized
+// ones (thousands of rows, through cpu_kernels.rope_train / swiglu_train) are split over threads.
+constexpr int64_t kRowGrain = 64;
 
 // RMSNorm.forward: n = (x * rsqrt(mean(x^2) + eps)) in fp32, cast to T; y = n * w, rounded to T.
 template <typename T>
@@ -67,8 +72,10 @@ void rope_rows(const T* x, T* y, const float* cs, const float* sn, int64_t B, in
   const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < Tn; ++t) {
+  // Rows (b, t) in parallel for training-sized inputs; decode steps (<= kRowGrain rows) run inline.
+  at::parallel_for(0, B * Tn, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t bt = begin; bt < end; ++bt) {
+      const int64_t b = bt / Tn, t = bt % Tn;
       const float* c = cs + t * (D / 2);
       const float* s = sn + t * (D / 2);
       for (int64_t h = 0; h < H; ++h) {
@@ -87,6 +94,7 @@ void rope_rows(const T* x, T* y, const float* cs, const float* sn, int64_t B, in
         }
       }
     }
+  });
 }
 
 torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
@@ -115,17 +123,19 @@ torch::Tensor rope(const torch::Tensor& x, const torch::Tensor& cos, const torch
 // rounded to T (PyTorch's two ops, one pass).
 template <typename T>
 void swiglu_rows(const T* h, T* y, int64_t R, int64_t H) {
-  for (int64_t r = 0; r < R; ++r) {
-    const T* a = h + r * 2 * H;
-    const T* b = a + H;
-    T* yr = y + r * H;
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = tail_mask(H - i);
-      const __m512 av = load_f32(a + i, m);
-      const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), av))));
-      store(yr + i, _mm512_mul_ps(as_stored(yr, _mm512_mul_ps(av, sig)), load_f32(b + i, m)), m);
+  at::parallel_for(0, R, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* a = h + r * 2 * H;
+      const T* b = a + H;
+      T* yr = y + r * H;
+      for (int64_t i = 0; i < H; i += 16) {
+        const __mmask16 m = tail_mask(H - i);
+        const __m512 av = load_f32(a + i, m);
+        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), av))));
+        store(yr + i, _mm512_mul_ps(as_stored(yr, _mm512_mul_ps(av, sig)), load_f32(b + i, m)), m);
+      }
     }
-  }
+  });
 }
 
 torch::Tensor swiglu(const torch::Tensor& h) {

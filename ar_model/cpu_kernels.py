@@ -1,6 +1,7 @@
-"""Hand-written AVX-512 / AMX kernels for CPU decoding (``cpu_decode*.cpp``), built once on first use.
+"""Hand-written AVX-512 / AMX kernels for the CPU, built once on first use: decoding (``cpu_decode*.cpp``,
+below) and the training step (``cpu_train.cpp``: ``weight_grad`` here, the rest through ``cpu_train_ops``).
 
-Kernels, all for inference only:
+Decode kernels, for inference only:
 - ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against a
   weight packed once by ``pack(w)``. fp32 with AVX-512: a GPT-B step's 444 MB of fp32 weights at 16
   rows: MKL's packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms
@@ -35,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp",
+                                                    "cpu_train.cpp")]
 HEADERS = [Path(__file__).with_name("cpu_simd.h")]   # hashed with the sources (a change rebuilds)
 # Pointwise kernels take inputs of at most this many rows (decode steps); larger ones keep PyTorch's ops.
 POINTWISE_MAX_ROWS = 64
@@ -71,7 +73,7 @@ def kernels():
             _state["ext"] = _build()
         except Exception as e:  # a compiler or ninja missing, or a failed build: keep PyTorch's path
             _state["why"] = f"build failed: {type(e).__name__}: {str(e).strip()[-400:]}"
-            warnings.warn(f"groupgen: CPU decode kernels unavailable ({_state['why']}); using PyTorch ops. "
+            warnings.warn(f"groupgen: CPU kernels unavailable ({_state['why']}); using PyTorch ops. "
                           "Set GROUPGEN_CPU_KERNELS=0 to skip the build.", RuntimeWarning, stacklevel=2)
     return _state["ext"]
 
@@ -92,7 +94,7 @@ def _build():
     name = f"groupgen_cpu_kernels_{digest.hexdigest()[:12]}"
     root = Path(cpp_extension.get_default_build_root())
     if not any(root.glob(f"**/{name}/{name}.so")):
-        print(f"groupgen: building the CPU decode kernels once (about a minute) under {root}",
+        print(f"groupgen: building the CPU kernels once (about a minute) under {root}",
               file=sys.stderr, flush=True)
     return cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
                               verbose=False)
@@ -190,3 +192,32 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     if not D or D % 2 or not _pointwise_ok(h, h.numel() // D):
         return None
     return torch.ops.groupgen.swiglu(h.contiguous())
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+# Column chunk of the weight gradient: each chunk's transposed copy stays below glibc's 32 MB mmap
+# threshold, so it reuses heap memory instead of faulting in fresh pages (GPT-B's output head:
+# [2048, 16384] bf16 = 64 MB, ~25 ms of page faults per fresh copy on this VM).
+WEIGHT_GRAD_CHUNK = 2048
+
+
+def weight_grad_supported(g: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether ``weight_grad`` has its kernel for these operands (bf16 on the CPU, kernels built)."""
+    return (g.dtype == x.dtype == torch.bfloat16 and g.device.type == x.device.type == "cpu"
+            and kernels() is not None)
+
+
+def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g^T @ x for g [T, N] and x [T, K] (a linear layer's weight gradient, reducing over T tokens)
+    as [N, K], computed as transpose(g) @ x chunk by chunk of N: oneDNN's AMX GEMM runs a
+    contiguous source ~1.6-2x faster than the transposed one that autograd's mm passes it."""
+    T, N = g.shape
+    dw = torch.empty(N, x.shape[1], dtype=x.dtype)
+    x = x.contiguous()
+    g = g if g.stride(1) == 1 else g.contiguous()
+    for n0 in range(0, N, WEIGHT_GRAD_CHUNK):
+        n1 = min(n0 + WEIGHT_GRAD_CHUNK, N)
+        torch.mm(torch.ops.groupgen.transpose2d(g[:, n0:n1]), x, out=dw[n0:n1])
+    return dw

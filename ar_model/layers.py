@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ar_model import cpu_kernels
+from ar_model import cpu_kernels, cpu_train_ops
 
 
 def ffn_hidden(dim: int, ffn_mult: float, multiple_of: int) -> int:
@@ -136,7 +136,8 @@ class Linear(nn.Linear):
                 y = self._packed_linear(x.reshape(rows, x.shape[-1]), rows, path == "kernel")
                 if y is not None:
                     return y.view(*x.shape[:-1], w.shape[0])
-        return F.linear(x, w, self.bias)
+        y = cpu_train_ops.linear(x, w, self.bias)   # bf16 training on the CPU
+        return y if y is not None else F.linear(x, w, self.bias)
 
     def _packed_linear(self, x: torch.Tensor, rows: int, kernel: bool) -> torch.Tensor | None:
         w, b = self.weight, self.bias
@@ -187,6 +188,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = cpu_kernels.rms_norm(x, self.weight, self.eps)   # decode sizes on the CPU: one pass, same math
+        if y is None:
+            y = cpu_train_ops.rms_norm(x, self.weight, self.eps)   # CPU training: one pass each way
         if y is not None:
             return y
         # fp32 inside: bf16 mean-of-squares loses too much precision.
@@ -257,6 +260,8 @@ class Attention(nn.Module):
         qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :]
         if cos is not None:   # q and k rotated in one pass (half the elementwise ops)
             rotated = cpu_kernels.rope(qk, cos, sin)   # decode sizes on the CPU: one kernel
+            if rotated is None:
+                rotated = cpu_train_ops.rope(qk, cos, sin)   # CPU training: one pass each way
             qk = rotated if rotated is not None else apply_rope(qk, cos, sin)
         q, k = qk.split([H, Hk], dim=2)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -298,6 +303,8 @@ class FeedForward(nn.Module):
     def forward(self, x):
         h = self.w13(x)
         gated = cpu_kernels.swiglu(h)   # decode sizes on the CPU: one pass, same math
+        if gated is None:
+            gated = cpu_train_ops.swiglu(h)   # CPU training: one pass each way
         if gated is None:
             a, b = h.split(self.hidden, -1)
             gated = F.silu(a) * b
