@@ -197,27 +197,35 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
 # ----------------------------------------------------------------------------------- training
 
 
-# Column chunk of the weight gradient: each chunk's transposed copy stays below glibc's 32 MB mmap
-# threshold, so it reuses heap memory instead of faulting in fresh pages (GPT-B's output head:
-# [2048, 16384] bf16 = 64 MB, ~25 ms of page faults per fresh copy on this VM).
-WEIGHT_GRAD_CHUNK = 2048
+# Largest transposed copy weight_grad makes at once (bytes). Copies above glibc's 32 MB mmap threshold
+# come from fresh pages every time: GPT-B's output head, [2048, 16384] bf16 = 64 MB, spent ~25 ms in
+# page faults per copy on this VM, so larger gradients go in equal column chunks below it.
+WEIGHT_GRAD_CHUNK_BYTES = 16 << 20
+# Weights smaller than this (N * K) keep autograd's product: at [768, 768] the copy costs more than
+# the faster GEMM saves (bench/train_kernels.py: 0.90x).
+WEIGHT_GRAD_MIN_NUMEL = 1 << 20
 
 
 def weight_grad_supported(g: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``weight_grad`` has its kernel for these operands (bf16 on the CPU, kernels built)."""
+    """Whether ``weight_grad`` has its kernel for these operands (bf16 on the CPU, kernels built,
+    a weight of at least ``WEIGHT_GRAD_MIN_NUMEL`` elements)."""
     return (g.dtype == x.dtype == torch.bfloat16 and g.device.type == x.device.type == "cpu"
-            and kernels() is not None)
+            and g.shape[-1] * x.shape[-1] >= WEIGHT_GRAD_MIN_NUMEL and kernels() is not None)
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """g^T @ x for g [T, N] and x [T, K] (a linear layer's weight gradient, reducing over T tokens)
-    as [N, K], computed as transpose(g) @ x chunk by chunk of N: oneDNN's AMX GEMM runs a
-    contiguous source ~1.6-2x faster than the transposed one that autograd's mm passes it."""
+    as [N, K], computed as transpose(g) @ x (in equal column chunks of g for large N): oneDNN's AMX
+    GEMM runs a contiguous source ~1.7x faster than the transposed one autograd's mm passes it."""
     T, N = g.shape
-    dw = torch.empty(N, x.shape[1], dtype=x.dtype)
     x = x.contiguous()
     g = g if g.stride(1) == 1 else g.contiguous()
-    for n0 in range(0, N, WEIGHT_GRAD_CHUNK):
-        n1 = min(n0 + WEIGHT_GRAD_CHUNK, N)
+    chunks = max(1, -(-T * N * g.element_size() // WEIGHT_GRAD_CHUNK_BYTES))
+    if chunks == 1:
+        return torch.ops.groupgen.transpose2d(g) @ x
+    step = -(-N // chunks)
+    dw = torch.empty(N, x.shape[1], dtype=x.dtype)
+    for n0 in range(0, N, step):
+        n1 = min(n0 + step, N)
         torch.mm(torch.ops.groupgen.transpose2d(g[:, n0:n1]), x, out=dw[n0:n1])
     return dw

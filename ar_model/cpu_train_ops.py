@@ -45,7 +45,10 @@ class _LinearBF16(torch.autograd.Function):
         x, w = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])
         dx = (g2 @ w).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = cpu_kernels.weight_grad(g2, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])
+            dw = cpu_kernels.weight_grad(g2, x2) if cpu_kernels.weight_grad_supported(g2, x2) else g2.t() @ x2
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ar_model import cpu_kernels
-from bench import decode_attention, decode_linear, sampler_topk
+from bench import decode_attention, decode_linear, sampler_topk, train_kernels
 
 
 def test_decode_linear_bench_quick(tmp_path):
@@ -32,3 +32,12 @@ def test_sampler_topk_bench_quick(tmp_path):
     row = R["shapes"]["2x64:k=8"]
     assert {"torch.topk", "torch.topk sorted"} <= set(row) and ("kernel" in row) == (cpu_kernels.kernels() is not None)
     assert all(c["us"] > 0 and c["ratio"] > 0 for c in row.values())
+
+
+def test_train_kernels_bench_quick(tmp_path):
+    R = train_kernels.main(["--quick", "--json", str(tmp_path / "train.json")])
+    if cpu_kernels.kernels() is None:
+        assert R["cases"] == {}
+        return
+    assert len(R["cases"]) == 9
+    assert all(r["ratio"] > 0 and r["kernel"]["ms"] > 0 and r["pytorch"]["ms"] > 0 for r in R["cases"].values())

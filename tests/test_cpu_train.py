@@ -45,7 +45,7 @@ def test_transpose2d_takes_strided_rows_and_rejects_other_layouts():
         torch.ops.groupgen.transpose2d(x.t())
 
 
-@pytest.mark.parametrize("T,N,K", [(512, 96, 64), (300, 2100, 40), (256, 4096, 48)])   # 2100, 4096: chunks
+@pytest.mark.parametrize("T,N,K", [(512, 96, 64), (300, 2100, 40), (256, 4096, 48), (2048, 4200, 256)])   # 4200: two chunks
 def test_weight_grad_equals_fp64_within_bf16_rounding(T, N, K):
     g, x = torch.randn(T, N).bfloat16(), torch.randn(T, K).bfloat16()
     dw = cpu_kernels.weight_grad(g, x)
@@ -56,7 +56,10 @@ def test_weight_grad_equals_fp64_within_bf16_rounding(T, N, K):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_bf16_training_path_matches_autograd(bias):
+def test_linear_bf16_training_path_matches_autograd(bias, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", 0)      # this small weight takes the kernel too
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "weight_grad", lambda g, x, _f=cpu_kernels.weight_grad: calls.append(1) or _f(g, x))
     torch.manual_seed(0)
     lin = Linear(96, 160, bias=bias)
     x = torch.randn(4, 128, 96, requires_grad=True)
@@ -80,6 +83,13 @@ def test_linear_bf16_training_path_matches_autograd(bias):
     assert dwk.dtype == torch.float32 and _rel(dwk, ref) <= 1.05 * _rel(dwa, ref) + 1e-4
     if bias:
         assert _rel(dbk, dba) < 1e-2
+    assert len(calls) == 1
+    monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", 1 << 20)
+    lin.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    y.backward(g)
+    assert torch.equal(lin.weight.grad, dwa) and len(calls) == 1   # small weights: autograd's product
 
 
 @pytest.mark.parametrize("autocast", [False, True])
