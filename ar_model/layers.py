@@ -100,7 +100,9 @@ class Linear(nn.Linear):
       rows, bf16 with AMX for 1..32 rows;
     - ``packed``: the library GEMM on a weight packed for that row count (MKL's packed sgemm for
       fp32, oneDNN for bf16), up to ``MAX_ROWS`` rows;
-    - ``F.linear`` otherwise (training, GPUs, fewer than ``MIN_ROWS`` or more than ``MAX_ROWS``).
+    - ``F.linear`` otherwise (training, GPUs, fewer than ``MIN_ROWS`` or more than ``MAX_ROWS``),
+      except bf16 training on the CPU, whose weight gradient ``cpu_train_ops.linear`` computes from
+      a contiguous copy (``F.linear``'s forward and input gradient, a faster weight-gradient GEMM).
     Results equal ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode step's
     linears at 16 rows: fp32 56 ms with ``F.linear``, 39 ms MKL packed, 30 ms with the kernel;
     bf16 32 ms, oneDNN packed 20-24 ms, AMX kernel 12 ms (``bench/decode_linear.py``).
