@@ -31,12 +31,7 @@ void rms_norm_rows(const T* x, const T* w, T* y, int64_t R, int64_t D, double ep
   for (int64_t r = 0; r < R; ++r) {
     const T* xr = x + r * D;
     T* yr = y + r * D;
-    __m512 ss = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-      const __m512 v = load_f32(xr + i, tail_mask(D - i));
-      ss = _mm512_fmadd_ps(v, v, ss);
-    }
-    const float mean = _mm512_reduce_add_ps(ss) / static_cast<float>(D);
+    const float mean = mean_square(xr, D);
     const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(mean + static_cast<float>(eps)));
     for (int64_t i = 0; i < D; i += 16) {
       const __mmask16 m = tail_mask(D - i);
@@ -131,7 +126,7 @@ void swiglu_rows(const T* h, T* y, int64_t R, int64_t H) {
       for (int64_t i = 0; i < H; i += 16) {
         const __mmask16 m = tail_mask(H - i);
         const __m512 av = load_f32(a + i, m);
-        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), av))));
+        const __m512 sig = sigmoid_f32(av);
         store(yr + i, _mm512_mul_ps(as_stored(yr, _mm512_mul_ps(av, sig)), load_f32(b + i, m)), m);
       }
     }

@@ -1,5 +1,5 @@
-// AVX-512 helpers shared by the groupgen_cpu_kernels sources (cpu_decode*.cpp): fp32 / bf16 loads and
-// stores, tail masks, and e^x.
+// AVX-512 helpers shared by the groupgen_cpu_kernels sources (cpu_decode*.cpp, cpu_train.cpp): fp32 / bf16 loads and
+// stores, tail masks, e^x, the sigmoid and a row's mean square.
 #pragma once
 
 #include <immintrin.h>
@@ -56,6 +56,23 @@ inline __m512 exp_f32(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// 1 / (1 + e^-x): the sigmoid of SwiGLU's gate (forward and backward share it).
+inline __m512 sigmoid_f32(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+// mean(x^2) over one row of D values (fp32 accumulation), RMSNorm's statistic.
+template <typename T>
+inline float mean_square(const T* x, int64_t D) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t i = 0; i < D; i += 16) {
+    const __m512 v = load_f32(x + i, tail_mask(D - i));
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  return _mm512_reduce_add_ps(ss) / static_cast<float>(D);
 }
 
 }  // namespace groupgen_simd

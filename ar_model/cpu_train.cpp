@@ -140,7 +140,7 @@ void swiglu_backward_rows(const T* h, const T* g, T* dh, int64_t R, int64_t H) {
       for (int64_t i = 0; i < H; i += 16) {
         const __mmask16 m = tail_mask(H - i);
         const __m512 av = load_f32(a + i, m), bv = load_f32(b + i, m), gv = load_f32(gr + i, m);
-        const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp_f32(_mm512_sub_ps(_mm512_setzero_ps(), av))));
+        const __m512 sig = sigmoid_f32(av);
         const __m512 u = as_stored(da, _mm512_mul_ps(av, sig));
         store(db + i, _mm512_mul_ps(gv, u), m);
         const __m512 du = as_stored(da, _mm512_mul_ps(gv, bv));
@@ -178,12 +178,7 @@ void rms_norm_fwd_rows(const float* x, const float* w, Y* y, float* rstd, int64_
   at::parallel_for(0, R, kRowBlock, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = x + r * D;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t i = 0; i < D; i += 16) {
-        const __m512 v = load_f32(xr + i, tail_mask(D - i));
-        ss = _mm512_fmadd_ps(v, v, ss);
-      }
-      const float rs = 1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(D) + eps);
+      const float rs = 1.0f / std::sqrt(mean_square(xr, D) + eps);
       rstd[r] = rs;
       const __m512 sc = _mm512_set1_ps(rs);
       for (int64_t i = 0; i < D; i += 16) {

@@ -40,12 +40,14 @@ def _fwd_bwd(fn, *inputs):
 
 
 def _with_kernels(on: bool, fn):
+    """fn with the training kernels on (``cpu_train_ops``' own row threshold) or off."""
     def run():
-        cpu_train_ops.MIN_ROWS = 256 if on else 10 ** 9
+        default = cpu_train_ops.MIN_ROWS
+        cpu_train_ops.MIN_ROWS = default if on else 10 ** 9
         try:
             fn()
         finally:
-            cpu_train_ops.MIN_ROWS = 256
+            cpu_train_ops.MIN_ROWS = default
     return run
 
 

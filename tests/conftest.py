@@ -4,6 +4,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GROUPGEN_QUIET", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
@@ -11,3 +12,19 @@ torch.set_num_threads(1)
 # The reliability harness's fixtures, registered here so that both reliability modules share one
 # session-scoped subprocess campaign.
 pytest_plugins = ["_campaign"]
+
+
+@pytest.fixture
+def count_taken(monkeypatch):
+    """``count_taken(module, names)`` wraps each ``module.<name>`` (a kernel entry point that returns
+    None where it does not apply) and returns a dict counting the calls that took the kernel."""
+    def wrap(module, names):
+        calls = dict.fromkeys(names, 0)
+        for name in names:
+            def counted(*a, _f=getattr(module, name), _n=name):
+                out = _f(*a)
+                calls[_n] += out is not None
+                return out
+            monkeypatch.setattr(module, name, counted)
+        return calls
+    return wrap

@@ -261,19 +261,13 @@ def test_grad_accum_matches_one_big_batch(store, tmp_path):
     assert a["step"] == b["step"] == 3
 
 
-def test_bf16_training_on_the_cpu_kernels_learns(tmp_path, monkeypatch):
+def test_bf16_training_on_the_cpu_kernels_learns(tmp_path, count_taken):
     """DeepSpeed's bf16 mode on the CPU (bf16 weights, autocast) runs its linears, RoPE and SwiGLU
     on groupgen's training kernels (8 x 64 = 512 rows per step) and still learns."""
     from ar_model import cpu_kernels, cpu_train_ops
     if cpu_kernels.kernels() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
-    calls = {"linear": 0, "rope": 0, "swiglu": 0}
-    for name in calls:
-        def counted(*a, _f=getattr(cpu_train_ops, name), _n=name):
-            out = _f(*a)
-            calls[_n] += out is not None
-            return out
-        monkeypatch.setattr(cpu_train_ops, name, counted)
+    calls = count_taken(cpu_train_ops, ["linear", "rope", "swiglu"])
     store = make_store(tmp_path / "store", hw=(8, 8), n=64)
     res = train(cfg_of("train.steps=12", "train.precision=bf16", "train.val_split=0.1"), store, tmp_path / "run")
     got = losses(tmp_path / "run")

@@ -296,7 +296,7 @@ def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.T
 
 @needs_avx512
 @pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2)])
-def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
+def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch, count_taken):
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
     cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2, **extra)
     torch.manual_seed(0)
@@ -307,13 +307,7 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch):
                 p.normal_(0, 0.1)
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])                 # 8 rows: inside the kernel's range
     codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
-    calls = {"linear": 0, "attention": 0, "rms_norm": 0, "rope": 0, "swiglu": 0}
-    for name in calls:
-        def counted(*a, _f=getattr(cpu_kernels, name), _n=name):
-            out = _f(*a)
-            calls[_n] += out is not None                             # calls the kernel took
-            return out
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = count_taken(cpu_kernels, ["linear", "attention", "rms_norm", "rope", "swiglu"])
     with_kernels = _decode_logits(m, labels, codes)
     assert calls["linear"] > 0 and calls["attention"] == cfg.n_layer * (lay.L + 1)   # prefill + L steps
     assert calls["rope"] == calls["swiglu"] == calls["attention"]

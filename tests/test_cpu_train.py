@@ -57,6 +57,7 @@ def test_weight_grad_equals_fp64_within_bf16_rounding(T, N, K):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_bf16_training_path_matches_autograd(bias, monkeypatch):
+    min_rows, min_numel = cpu_train_ops.MIN_ROWS, cpu_kernels.WEIGHT_GRAD_MIN_NUMEL
     monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", 0)      # this small weight takes the kernel too
     calls = []
     monkeypatch.setattr(cpu_kernels, "weight_grad", lambda g, x, _f=cpu_kernels.weight_grad: calls.append(1) or _f(g, x))
@@ -65,16 +66,13 @@ def test_linear_bf16_training_path_matches_autograd(bias, monkeypatch):
     x = torch.randn(4, 128, 96, requires_grad=True)
     g = torch.randn(4, 128, 160).bfloat16()
     out = {}
-    for mode, min_rows in (("kernel", 256), ("autograd", 10 ** 9)):
-        cpu_train_ops.MIN_ROWS = min_rows
-        try:
-            x.grad = None
-            lin.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = lin(x)
-            y.backward(g)
-        finally:
-            cpu_train_ops.MIN_ROWS = 256
+    for mode, rows in (("kernel", min_rows), ("autograd", 10 ** 9)):
+        monkeypatch.setattr(cpu_train_ops, "MIN_ROWS", rows)
+        x.grad = None
+        lin.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x)
+        y.backward(g)
         out[mode] = (y.detach(), x.grad, lin.weight.grad, lin.bias.grad if bias else None)
     (yk, dxk, dwk, dbk), (ya, dxa, dwa, dba) = out["kernel"], out["autograd"]
     assert yk.dtype == torch.bfloat16 and torch.equal(yk, ya)      # same forward GEMM
@@ -84,7 +82,8 @@ def test_linear_bf16_training_path_matches_autograd(bias, monkeypatch):
     if bias:
         assert _rel(dbk, dba) < 1e-2
     assert len(calls) == 1
-    monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", 1 << 20)
+    monkeypatch.setattr(cpu_train_ops, "MIN_ROWS", min_rows)         # defaults again, weight_grad still counted
+    monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", min_numel)
     lin.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
@@ -182,15 +181,9 @@ def _micro_gpt():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_gpt_training_step_with_kernels_matches_pytorch_ops(autocast, monkeypatch):
+def test_gpt_training_step_with_kernels_matches_pytorch_ops(autocast, monkeypatch, count_taken):
     m, codes, labels = _micro_gpt()
-    calls = {"linear": 0, "rms_norm": 0, "rope": 0, "swiglu": 0}
-    for name in calls:
-        def counted(*a, _f=getattr(cpu_train_ops, name), _n=name):
-            out = _f(*a)
-            calls[_n] += out is not None
-            return out
-        monkeypatch.setattr(cpu_train_ops, name, counted)
+    calls = count_taken(cpu_train_ops, ["linear", "rms_norm", "rope", "swiglu"])
 
     def step():
         m.zero_grad(set_to_none=True)
