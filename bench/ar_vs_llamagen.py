@@ -146,6 +146,35 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     return run
 
 
+def ours_token_at(model: GPT, S: dict, precision: str, pos: int, top_k: int, cfg: float = 4.0):
+    """``run()``: one of our sampling steps at position ``pos`` (decode of sequence index ``pos`` + 1,
+    then the guided draw of the next position), as ``llamagen_token_at``. The cache is filled once,
+    by decoding random codes up to ``pos``; ``model`` is a shallow copy per position (shared weights
+    and packed weights, its own cache), so steps at two positions can be interleaved."""
+    from sampling.logits import GroupPicker, GroupSettings
+
+    model = copy.copy(model)   # the modules (and their packed weights) are shared; the cache is not
+    G, L, B = model.layout.G, model.layout.L, S["batch"]
+    settings = [GroupSettings(top_k=top_k)] * G
+    picker = GroupPicker(settings, [cfg] * G, L, "constant", -1, True, torch.Generator().manual_seed(0))
+    labels = torch.arange(B) % S["classes"]
+    lab = torch.cat([labels, torch.full_like(labels, model.num_classes)])
+    codes = torch.randint(0, min(model.layout.K), (2 * B, G), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), autocast(precision):
+        model.init_cache(lab.shape[0], torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
+        model.prefill(lab)
+        for p in range(pos):
+            model.decode(codes, p)
+
+    def run():
+        with torch.inference_mode(), autocast(precision):
+            h = model.decode(codes, pos)
+            picker.pos = pos + 1
+            return model.sample_position(h, picker)
+
+    return run
+
+
 def llamagen_sampler(lg_generate, model, S: dict, top_k: int, cfg: float = 4.0):
     labels = torch.arange(S["batch"]) % S["classes"]
 
@@ -351,6 +380,16 @@ def main(argv=None) -> dict:
             interleave(cases, a.sample_reps, warmup=0, log=None)
             t_lo, t_hi = window(per_pos[prec], *lo), window(per_pos[prec], *hi)
             R["pos"][prec] = {"ours_ms_lo": 1e3 * t_lo, "ours_ms_hi": 1e3 * t_hi, "ours_growth": t_hi / t_lo}
+            # The same two positions as single steps, interleaved (as LlamaGen's below): a slow minute
+            # of the machine then slows both sides instead of one end of a sampling run.
+            from sampling.sample import model_for_precision
+            m = ours if prec == "fp32" else model_for_precision(copy.deepcopy(ours), prec)
+            steps = interleave({"lo": ours_token_at(m, S, prec, lo[0], S["top_k"]),
+                                "hi": ours_token_at(m, S, prec, hi[1], S["top_k"])},
+                               max(5, 3 * a.sample_reps) * 4, log=None)
+            s_lo, s_hi = median(steps["lo"]), median(steps["hi"])
+            R["pos"][prec].update(ours_step_ms_lo=1e3 * s_lo, ours_step_ms_hi=1e3 * s_hi, ours_step_growth=s_hi / s_lo)
+            m.release_packed()
         with torch.no_grad():
             lg.setup_caches(max_batch_size=2 * S["batch"], max_seq_length=L + 1, dtype=torch.float32)
             times = interleave({f"lg@{lo[0]}": llamagen_token_at(lg_generate, lg, S, lo[0], S["top_k"]),

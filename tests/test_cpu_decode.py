@@ -105,6 +105,29 @@ def test_decode_attention_equals_sdpa(dtype, d, h, hk):
             assert torch.allclose(o.float(), vc[:, :, :1].float().repeat_interleave(h // hk, 1), atol=1e-2 if dtype != torch.float32 else 1e-7)
 
 
+
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rising", [True, False])
+def test_decode_attention_online_softmax_survives_large_and_shifting_scores(dtype, rising):
+    """The kernel keeps a running max over blocks of 16 positions: scores that grow block after block
+    (each block rescales what came before) or fall (the first block holds the max), at magnitudes
+    where exp without the max would overflow, still give SDPA's result; rows past the prefix are NaN
+    and must not be read."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T, D = 2, 3, 70, 64
+    q = torch.randn(B, H, 1, D, generator=g)
+    ramp = torch.linspace(0, 1, T) if rising else torch.linspace(1, 0, T)
+    k = torch.randn(B, H, T, D, generator=g) * 0.1 + 30 * ramp[:, None] * q[:, :, 0, None, :] / q.norm(dim=-1, keepdim=True)
+    v = torch.randn(B, H, T, D, generator=g)
+    for n in (16, 33, 69):
+        kc, vc = (c.clone().to(dtype) for c in (k, v))
+        kc[:, :, n:], vc[:, :, n:] = float("nan"), float("nan")
+        o = cpu_kernels.attention(q.to(dtype), kc, vc, n)
+        ref = F.scaled_dot_product_attention(q.double(), kc[:, :, :n].double(), vc[:, :, :n].double())
+        assert torch.isfinite(o).all()
+        assert _rel(o, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
 @needs_avx512
 def test_decode_attention_leaves_unsupported_cases_to_sdpa():
     q, kc = torch.randn(2, 2, 1, 24), torch.randn(2, 2, 9, 24)
