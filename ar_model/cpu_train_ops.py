@@ -10,6 +10,9 @@ reduction's order differs (fp32 sums, ~1e-7 relative); bench/ar_vs_llamagen.py m
   when autocast will cast it for the next matmul.
 - ``rope``: the rotation forward (and backward: the inverse rotation) in one pass, bf16 in and out.
 - ``swiglu``: silu(a) * b forward and backward, the backward writing d[a | b] in one tensor.
+- ``dropout``: the keep mask from a counter-based generator (Philox4x32-10) seeded by one draw of
+  the global generator; the backward pass regenerates the mask instead of saving it. Unlike the
+  others it applies to inputs of any size, with or without autograd.
 """
 from __future__ import annotations
 
@@ -129,3 +132,24 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     if not D or D % 2 or h.dtype not in (torch.float32, torch.bfloat16) or not _applies(h, h.numel() // D):
         return None
     return _SwiGLU.apply(h.contiguous())
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+        ctx.p, ctx.seed = p, seed
+        return torch.ops.groupgen.dropout_apply(x, seed, p)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return torch.ops.groupgen.dropout_apply(g.contiguous(), ctx.seed, ctx.p), None, None   # the same mask
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """Training-mode dropout of fp32 or bf16 ``x`` on the CPU (p rounded to a multiple of 1/65536),
+    reproducible under ``torch.manual_seed``: the seed is one draw of the global generator."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not 0.0 < p < 1.0
+            or cpu_kernels.kernels() is None):
+        return None
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return _Dropout.apply(x, float(p), seed)

@@ -211,3 +211,89 @@ def test_training_ops_stay_off_without_kernels_or_autograd(monkeypatch):
     assert cpu_train_ops.swiglu(x.requires_grad_()) is None
     assert cpu_train_ops.rms_norm(x, torch.ones(32), 1e-5) is None
     assert cpu_train_ops.linear(x.bfloat16(), torch.randn(8, 32).bfloat16(), None) is None
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+_M0, _M1, _W0, _W1, _U32 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85, 0xFFFFFFFF
+
+
+def _philox_ref(ctr, seed):
+    """Philox4x32-10 in Python integers (Salmon et al., SC'11)."""
+    c, k0, k1 = list(ctr), seed & _U32, (seed >> 32) & _U32
+    for _ in range(10):
+        p0, p1 = _M0 * c[0], _M1 * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k0, p1 & _U32, (p0 >> 32) ^ c[3] ^ k1, p0 & _U32]
+        k0, k1 = (k0 + _W0) & _U32, (k1 + _W1) & _U32
+    return c
+
+
+@pytest.mark.parametrize("ctr,seed,expected", [   # Random123's known-answer vectors for philox4x32_10
+    ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((_U32,) * 4, (_U32 << 32) | _U32, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0x299F31D0 << 32) | 0xA4093822,
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_matches_the_known_answers(ctr, seed, expected):
+    signed = seed - (1 << 64) if seed >= 1 << 63 else seed
+    out = torch.ops.groupgen.philox4x32_10_words(torch.tensor([ctr], dtype=torch.int64), signed)
+    assert tuple(out[0].tolist()) == expected == tuple(_philox_ref(ctr, seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_kernel_mask_is_philox_of_the_element_index(dtype):
+    """Element e = 128 c + 16 k + l keeps where 16 bits of Philox(16 c + l) are >= round(p * 65536),
+    scaled by 1 / (1 - p) in fp32 and rounded once; a tail of 300 % 128 elements included."""
+    n, p, seed = 300, 0.3, 0x1234_5678_9ABC
+    x = torch.randn(n).to(dtype)
+    y = torch.ops.groupgen.dropout_apply(x, seed, p)
+    thr = round(p * 65536)
+    keep = []
+    for e in range(n):
+        c, k, lane = e // 128, (e % 128) // 16, e % 16
+        word = _philox_ref((16 * c + lane, 0, 0, 0), seed)[k // 2]
+        keep.append(((word >> 16) if k % 2 else (word & 0xFFFF)) >= thr)
+    keep = torch.tensor(keep)
+    expected = torch.where(keep, (x.float() * torch.tensor(1 / (1 - p), dtype=torch.float32)).to(dtype),
+                           torch.zeros((), dtype=dtype))
+    assert y.dtype == dtype and torch.equal(y, expected)
+
+
+def test_dropout_rate_independence_and_thread_count():
+    x = torch.ones(3, 1_000_003)
+    p = 0.1
+    y = torch.ops.groupgen.dropout_apply(x, 7, p)
+    m = (y != 0).float().flatten()
+    assert abs(m.mean().item() - (1 - p)) < 0.002
+    for lag in (1, 2, 16, 128):   # neighbours share no bits (other lane, other half, other counter)
+        assert abs((m[:-lag] * m[lag:]).mean().item() - (1 - p) ** 2) < 0.003
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.groupgen.dropout_apply(x, 7, p)
+        torch.set_num_threads(2)
+        assert torch.equal(torch.ops.groupgen.dropout_apply(x, 7, p), one)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, y)
+    assert not torch.equal(torch.ops.groupgen.dropout_apply(x, 8, p), y)   # another seed, another mask
+
+
+def test_dropout_backward_regenerates_the_forward_mask(count_taken):
+    calls = count_taken(cpu_train_ops, ["dropout"])
+    from ar_model.layers import Dropout
+    d = Dropout(0.25).train()
+    x = (torch.rand(4, 257, 33) + 0.5).requires_grad_()        # no zeros: y == 0 marks a dropped element
+    g = torch.randn(4, 257, 33)
+    torch.manual_seed(3)
+    y = d(x)
+    y.backward(g)
+    assert calls["dropout"] == 1
+    kept = y.detach() != 0
+    assert torch.equal(x.grad, torch.where(kept, g * torch.tensor(1 / 0.75), torch.zeros(())))
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y)                                # the global generator drives the seed
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        torch.ops.groupgen.dropout_apply(torch.ones(3, dtype=torch.float64), 0, 0.1)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.groupgen.dropout_apply(torch.ones(3), 0, 1.0)
