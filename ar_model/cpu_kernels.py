@@ -9,8 +9,9 @@ Decode kernels, for inference only:
   up to 32 rows, where the CPU and OS allow AMX): the 222 MB of bf16 weights, oneDNN 19.6 ms
   (10 GB/s), this kernel 12.4 ms (16 GB/s) (``bench/decode_linear.py``).
 - ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
-  cache. GPT-B's 12 layers at prefix 128: SDPA 18.2 / 11.2 ms (fp32 / bf16), this kernel 11.3 /
-  6.7 ms (``bench/decode_attention.py``).
+  cache, in one pass (online softmax over blocks of 16 positions). GPT-B's 12 layers at prefix 251:
+  ~13 / ~7.4 ms (fp32 / bf16), reading the cache at 20-23 GB/s, the machine's streaming rate; SDPA
+  takes ~1.7-1.9x as long (``bench/decode_attention.py``).
 - ``rms_norm``, ``rope`` and ``swiglu`` (``cpu_decode_pointwise.cpp``): RMSNorm, RoPE and the
   SwiGLU gate of a decode step in one pass each instead of chains of small ops (GPT-B layer at 16
   rows, bf16: RMSNorm 88 -> 20 us, RoPE ~217 -> ~35 us; a 12-layer step 30.2 -> 25.4 ms).
