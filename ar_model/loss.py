@@ -5,14 +5,33 @@ times: the fp32 copy, log-softmax, NLL and, backward, a zero fill, the log-softm
 the cast back. At LlamaGen GPT-B's shape (2048 rows x 16384 codes) that was ~6% of a bf16
 training step. Here the rows go through in blocks that stay in cache: forward keeps only each
 row's log-sum-exp, backward rebuilds ``softmax - onehot`` block by block straight into the
-gradient, in the logits' dtype. Other devices use ``F.cross_entropy`` (already fused there).
+gradient, in the logits' dtype. Where groupgen's CPU kernels are built, fp32 and bf16 logits go
+through ``cpu_train.cpp``'s cross entropy instead: one pass per row each way, same formulation
+([2048, 16384] bf16: ~80 + ~140 ms -> see BENCHMARKS.md, session 8). Other devices use
+``F.cross_entropy`` (already fused there).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ar_model import cpu_kernels
+
 BLOCK_ELEMS = 1 << 18   # fp32 elements per block (1 MiB: an L2-sized working set)
+
+
+class _KernelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lse, nll = torch.ops.groupgen.cross_entropy_forward(logits, target)
+        ctx.save_for_backward(logits, target, lse)
+        return (nll.sum(dtype=torch.float64) / logits.shape[0]).float()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, target, lse = ctx.saved_tensors
+        scale = float(grad_out.float()) / logits.shape[0]
+        return torch.ops.groupgen.cross_entropy_backward(logits, target, lse, scale), None
 
 
 class _BlockedCrossEntropy(torch.autograd.Function):
@@ -54,4 +73,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     target = target.long()
     if logits.device.type != "cpu" or logits.shape[0] == 0:
         return F.cross_entropy(logits.float(), target)
+    if logits.dtype in (torch.float32, torch.bfloat16) and cpu_kernels.kernels() is not None:
+        return _KernelCrossEntropy.apply(logits.contiguous(), target.contiguous())
     return _BlockedCrossEntropy.apply(logits.contiguous(), target.contiguous())

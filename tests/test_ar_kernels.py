@@ -1,11 +1,11 @@
-"""The CPU training fast paths: matmul causal attention and blocked cross entropy, against the
-reference PyTorch ops (values and gradients)."""
+"""The CPU training fast paths: matmul causal attention and cross entropy (the kernel and the blocked
+PyTorch formulation), against the reference PyTorch ops (values and gradients)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ar_model.loss as ar_loss
-from ar_model import GPT, gpt_config
+from ar_model import GPT, cpu_kernels, gpt_config
 from ar_model.layers import _MatmulCausalAttention, causal_attention
 from ar_model.loss import cross_entropy
 from groupgen.layout import TokenLayout
@@ -66,12 +66,25 @@ def test_causal_attention_dispatch():
     assert "MatmulCausal" not in causal_attention(q32, k32, v32).grad_fn.name()
 
 
+@pytest.fixture(params=["kernel", "blocked"])
+def ce_path(request, monkeypatch):
+    """Both CPU cross entropies: the kernel (where built) and the blocked PyTorch formulation."""
+    if request.param == "kernel":
+        if cpu_kernels.kernels() is None:
+            pytest.skip(f"no CPU kernels here ({cpu_kernels.unavailable_reason()})")
+    else:
+        monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    return request.param
+
+
+@pytest.mark.parametrize("V", [13, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_cross_entropy_equals_f_cross_entropy(dtype, monkeypatch):
-    monkeypatch.setattr(ar_loss, "BLOCK_ELEMS", 40)   # 3 rows a block: many blocks and a short tail
+def test_cross_entropy_equals_f_cross_entropy(dtype, V, ce_path, monkeypatch):
+    monkeypatch.setattr(ar_loss, "BLOCK_ELEMS", 40)   # blocked: a few rows a block, many blocks and a tail
     g = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(37, 13, generator=g)).to(dtype).requires_grad_()
-    t = torch.randint(0, 13, (37,), generator=g)
+    x = (3 * torch.randn(37, V, generator=g)).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (37,), generator=g)
+    t[0], t[1] = 0, V - 1                              # the first and last column (the kernel's tail)
     before = x.detach().clone()
     loss = cross_entropy(x, t)
     loss.backward()
@@ -87,6 +100,35 @@ def test_blocked_cross_entropy_equals_f_cross_entropy(dtype, monkeypatch):
     tol = 1e-7 if dtype == torch.float32 else 2e-3
     assert (x.grad.double() - x64.grad).abs().max().item() < tol
     assert torch.allclose(2 * gx.double(), x.grad.double(), atol=tol)
+
+
+@pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+def test_cross_entropy_kernel_nan_rows_targets_and_thread_count(count_taken):
+    calls = count_taken(cpu_kernels, ["kernels"])
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 100, generator=g).bfloat16().requires_grad_()
+    t = torch.randint(0, 100, (9,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x.grad = None
+            loss = cross_entropy(x, t)
+            loss.backward()
+            outs.append((loss.detach(), x.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert calls["kernels"] >= 2                          # the kernel path was taken
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    bad = x.detach().clone()
+    bad[3, 50] = float("nan")                            # a diverged row shows in the loss and its gradient
+    bad.requires_grad_()
+    loss = cross_entropy(bad, t)
+    loss.backward()
+    assert loss.isnan() and bad.grad[3].isnan().all() and bad.grad[[0, 8]].isfinite().all()
+    with pytest.raises(RuntimeError, match=r"targets outside \[0, 100\): min 0, max 100"):
+        torch.ops.groupgen.cross_entropy_forward(x.detach(), torch.tensor([0] * 8 + [100]))
 
 
 def test_cross_entropy_shape_errors():
