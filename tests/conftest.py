@@ -28,3 +28,17 @@ def count_taken(monkeypatch):
             monkeypatch.setattr(module, name, counted)
         return calls
     return wrap
+
+
+@pytest.fixture
+def cpu_kernel_path(monkeypatch):
+    """``cpu_kernel_path(on)``: with ``on`` the test needs groupgen's CPU kernels (skipped where they
+    cannot be built); without, ``ar_model.cpu_kernels`` behaves as on a machine where the build
+    failed, for the rest of the test."""
+    def use(on: bool) -> None:
+        from ar_model import cpu_kernels
+        if not on:
+            monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+        elif cpu_kernels.kernels() is None:
+            pytest.skip(f"no CPU kernels here ({cpu_kernels.unavailable_reason()})")
+    return use

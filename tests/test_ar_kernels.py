@@ -67,13 +67,9 @@ def test_causal_attention_dispatch():
 
 
 @pytest.fixture(params=["kernel", "blocked"])
-def ce_path(request, monkeypatch):
+def ce_path(request, cpu_kernel_path):
     """Both CPU cross entropies: the kernel (where built) and the blocked PyTorch formulation."""
-    if request.param == "kernel":
-        if cpu_kernels.kernels() is None:
-            pytest.skip(f"no CPU kernels here ({cpu_kernels.unavailable_reason()})")
-    else:
-        monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(request.param == "kernel")
     return request.param
 
 

@@ -392,13 +392,9 @@ def test_clear_cache_releases_packed_weights():
 
 @pytest.mark.parametrize("kernel", [True, False])
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_fast_cpu_dropout(p, kernel, monkeypatch):
+def test_fast_cpu_dropout(p, kernel, cpu_kernel_path):
     """Both CPU paths: the Philox kernel (where built) and the integer-draw fallback."""
-    from ar_model import cpu_kernels
-    if kernel and cpu_kernels.kernels() is None:
-        pytest.skip(f"no CPU kernels here ({cpu_kernels.unavailable_reason()})")
-    if not kernel:
-        monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(kernel)
     d = Dropout(p).train()
     x = torch.ones(500, 401, requires_grad=True)      # odd size: the 4-per-draw packing is cut
     torch.manual_seed(0)

@@ -24,9 +24,9 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.fixture
-def no_kernels(monkeypatch):
+def no_kernels(cpu_kernel_path):
     """As on a machine where the kernels could not be built."""
-    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(False)
 
 
 @needs_avx512
@@ -319,7 +319,7 @@ def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.T
 
 @needs_avx512
 @pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2)])
-def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch, count_taken):
+def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, count_taken, cpu_kernel_path):
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
     cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2, **extra)
     torch.manual_seed(0)
@@ -337,14 +337,14 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, monkeypatch, count_
     assert calls["rms_norm"] == (2 * cfg.n_layer + 1) * (lay.L + 1)
     with torch.no_grad():
         full = torch.cat(m(codes, labels), -1)
-    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(False)
     without = _decode_logits(m, labels, codes)
     assert (with_kernels - without).abs().max().item() < 1e-5
     assert (with_kernels - full).abs().max().item() < 1e-5
 
 
 @needs_amx
-def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch):
+def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch, cpu_kernel_path):
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
     cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2)
     torch.manual_seed(0)
@@ -365,7 +365,7 @@ def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "linear", counted)
     amx = _decode_logits(mb, labels, codes)
     assert calls["bf16"] > 0
-    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(False)
     onednn = _decode_logits(mb, labels, codes)
     err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
     assert err(amx) <= 1.25 * err(onednn) + 1e-3, (err(amx), err(onednn))

@@ -203,11 +203,11 @@ def test_gpt_training_step_with_kernels_matches_pytorch_ops(autocast, monkeypatc
     assert worst < (3e-2 if autocast else 1e-4), worst
 
 
-def test_training_ops_stay_off_without_kernels_or_autograd(monkeypatch):
+def test_training_ops_stay_off_without_kernels_or_autograd(cpu_kernel_path):
     x = torch.randn(4, 100, 32)
     with torch.no_grad():
         assert cpu_train_ops.swiglu(x) is None                  # inference keeps the decode paths
-    monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
+    cpu_kernel_path(False)
     assert cpu_train_ops.swiglu(x.requires_grad_()) is None
     assert cpu_train_ops.rms_norm(x, torch.ones(32), 1e-5) is None
     assert cpu_train_ops.linear(x.bfloat16(), torch.randn(8, 32).bfloat16(), None) is None

@@ -93,12 +93,8 @@ def test_top_p_keeps_smallest_set_with_mass_p():
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["cpu-topk-kernel", "torch-topk"])
-def test_top_k_top_p_sampling_distribution(kernel, monkeypatch):
-    from ar_model import cpu_kernels
-    if not kernel:
-        monkeypatch.setattr(cpu_kernels, "_state", {"tried": True, "ext": None, "why": "test"})
-    elif cpu_kernels.kernels() is None:
-        pytest.skip(f"no CPU kernels here: {cpu_kernels.unavailable_reason()}")
+def test_top_k_top_p_sampling_distribution(kernel, cpu_kernel_path):
+    cpu_kernel_path(kernel)
     kept, idx = filter_logits(torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]), GroupSettings(top_k=3))
     assert sorted(idx[0].tolist()) == [1, 2, 3] and torch.equal(kept, torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])[:, idx[0]])
     if kernel:
