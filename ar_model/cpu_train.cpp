@@ -413,14 +413,17 @@ void ce_backward_rows(const T* x, const int64_t* t, const float* lse, float scal
     for (int64_t r = r0; r < r1; ++r) {
       const T* row = x + r * V;
       T* out = g + r * V;
-      const __m512 vlse = _mm512_set1_ps(std::isnan(lse[r]) ? 0.0f : lse[r]);
-      const __m512 poison = _mm512_set1_ps(std::isnan(lse[r]) ? NAN : 0.0f);   // a NaN row stays NaN
+      if (std::isnan(lse[r])) {   // a NaN row stays NaN (exp_f32 would clamp it to a finite value)
+        for (int64_t i = 0; i < V; i += 16) store(out + i, _mm512_set1_ps(NAN), tail_mask(V - i));
+        continue;
+      }
+      const __m512 vlse = _mm512_set1_ps(lse[r]);
       for (int64_t i = 0; i < V; i += 16) {
         const __mmask16 m = tail_mask(V - i);
         __m512 p = exp_f32(_mm512_sub_ps(load_f32(row + i, m), vlse));   // softmax, as loss.py: exp(x - lse)
         const int64_t at = t[r] - i;
         if (at >= 0 && at < 16) p = _mm512_mask_sub_ps(p, static_cast<__mmask16>(1u << at), p, one);
-        store(out + i, _mm512_add_ps(_mm512_mul_ps(p, vscale), poison), m);
+        store(out + i, _mm512_mul_ps(p, vscale), m);
       }
     }
   });

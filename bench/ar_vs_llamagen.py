@@ -25,6 +25,7 @@ from bench.common import (REPO, hwm_mb, now, interleave, machine_info, matmul_pe
 
 from ar_model.model import GPT, gpt_config, make_adamw
 from groupgen.layout import TokenLayout
+from sampling.sample import model_for_precision
 
 FULL = dict(preset="B", n_layer=12, dim=768, n_head=12, vocab=16384, grid=16, classes=1000, batch=8,
             top_k=2000, g8_K=2048)
@@ -110,7 +111,7 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     timestamps appended to ``times`` (for the cost-growth measurement)."""
 
     from sampling.logits import GroupPicker, GroupSettings
-    from sampling.sample import Plan, SamplingConfig, generate_codes, model_for_precision
+    from sampling.sample import Plan, SamplingConfig, generate_codes
 
     if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
         model = model_for_precision(copy.deepcopy(model), precision)   # keep the caller's fp32 model
@@ -382,7 +383,6 @@ def main(argv=None) -> dict:
             R["pos"][prec] = {"ours_ms_lo": 1e3 * t_lo, "ours_ms_hi": 1e3 * t_hi, "ours_growth": t_hi / t_lo}
             # The same two positions as single steps, interleaved (as LlamaGen's below): a slow minute
             # of the machine then slows both sides instead of one end of a sampling run.
-            from sampling.sample import model_for_precision
             m = ours if prec == "fp32" else model_for_precision(copy.deepcopy(ours), prec)
             steps = interleave({"lo": ours_token_at(m, S, prec, lo[0], S["top_k"]),
                                 "hi": ours_token_at(m, S, prec, hi[1], S["top_k"])},
