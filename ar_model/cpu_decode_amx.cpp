@@ -1,5 +1,6 @@
-// bf16 GEMM for a few rows on Intel AMX: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 32, bf16 in and
-// out, fp32 accumulation. Part of the groupgen_cpu_kernels extension (see cpu_kernels.py).
+// bf16 GEMM for a few rows: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 32, bf16 in and out, fp32
+// accumulation, on Intel AMX where the CPU and OS allow it and with AVX-512F FMAs elsewhere. Part of
+// the groupgen_cpu_kernels extension (see cpu_kernels.py).
 //
 // Why: at decode sizes (16 rows: 8 images x 2 for guidance) oneDNN's AMX matmul reads a GPT-B step's
 // 222 MB of bf16 weights at ~10 GB/s; a streaming read runs at ~16-17 GB/s on this machine's 2 cores.
@@ -12,6 +13,12 @@
 //
 // The AMX code is compiled per function (target attributes), so the rest of the extension still
 // runs on CPUs without AMX; amx_bf16_ready() says whether this CPU and kernel allow it.
+//
+// Without AMX (AMD Zen 4/5, Intel before Sapphire Rapids, or a hypervisor that hides it) the same
+// packed weights are read by an AVX-512F kernel: a 64-byte row of a tile holds one k-pair of 16
+// outputs, its even bf16 lanes become fp32 with a 16-bit shift and its odd lanes with a mask, and
+// each feeds 16-lane FMAs against x broadcast per row. oneDNN's bf16 path there (AVX512-BF16's
+// vdpbf16ps, 4x slower per instruction than an FMA on the machine measured) takes ~2x as long.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
@@ -21,6 +28,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "cpu_simd.h"
 
 // The AMX intrinsics need GCC >= 11 or Clang >= 12; older compilers build the rest of the extension
 // and report AMX as unavailable.
@@ -135,24 +144,103 @@ GROUPGEN_AMX void store_rows(const float* c, int rows, const uint16_t* bias, int
 
 #endif  // GROUPGEN_HAVE_AMX
 
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
-                          int64_t N) {
-  TORCH_CHECK(amx_bf16_ready(), "linear_bf16: this CPU or kernel does not allow AMX bf16");
+// ------------------------------------------------------------------------------------------------
+// AVX-512F path. MR rows of x (transposed to fp32 [K padded, M], ldx = M) against one block of 16
+// outputs (wb: K2 rows of 64 bytes, one per k-pair). With few rows the even and odd k go to separate
+// accumulators, so the FMA chain per output is half as long.
+constexpr int64_t kFmaPrefetchElems = 2048;   // 4 KB ahead in the weight stream
+
+template <int MR>
+void fma_block(const float* xt, int64_t ldx, const uint16_t* wb, int64_t K2, const uint16_t* bias, int valid,
+               uint16_t* y, int64_t ldy) {
+  constexpr int NS = MR <= 8 ? 2 : 1;
+  __m512 acc[NS][MR];
+  for (int s = 0; s < NS; ++s)
+    for (int i = 0; i < MR; ++i) acc[s][i] = _mm512_setzero_ps();
+  const __m512i odd_mask = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  for (int64_t r = 0; r < K2; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(wb + r * 32 + kFmaPrefetchElems), _MM_HINT_T0);
+    const __m512i w = _mm512_loadu_si512(wb + r * 32);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));
+    const float* x0 = xt + 2 * r * ldx;
+    const float* x1 = x0 + ldx;
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      acc[0][i] = _mm512_fmadd_ps(_mm512_set1_ps(x0[i]), we, acc[0][i]);
+      acc[NS - 1][i] = _mm512_fmadd_ps(_mm512_set1_ps(x1[i]), wo, acc[NS - 1][i]);
+    }
+  }
+  const __mmask16 m = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 b = bias ? groupgen_simd::load_f32(bias, m) : _mm512_setzero_ps();
+  for (int i = 0; i < MR; ++i) {
+    const __m512 sum = NS == 2 ? _mm512_add_ps(acc[0][i], acc[NS - 1][i]) : acc[0][i];
+    groupgen_simd::store(y + i * ldy, _mm512_add_ps(sum, b), m);
+  }
+}
+
+using FmaBlock = void (*)(const float*, int64_t, const uint16_t*, int64_t, const uint16_t*, int, uint16_t*, int64_t);
+constexpr FmaBlock kFmaBlocks[17] = {
+    nullptr, fma_block<1>, fma_block<2>, fma_block<3>, fma_block<4>, fma_block<5>, fma_block<6>, fma_block<7>,
+    fma_block<8>, fma_block<9>, fma_block<10>, fma_block<11>, fma_block<12>, fma_block<13>, fma_block<14>,
+    fma_block<15>, fma_block<16>};
+
+void linear_bf16_fma_into(const torch::Tensor& x, const torch::Tensor& wp, const uint16_t* bp, int64_t N,
+                          torch::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), NB = wp.size(0), KB = wp.size(1);
+  auto xt = torch::zeros({KB * 32, M}, x.options().dtype(torch::kFloat32));
+  xt.narrow(0, 0, K).copy_(x.t());
+  const float* xp = xt.data_ptr<float>();
+  const uint16_t* w = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  const int64_t K2 = KB * 16;
+  // Blocks per thread at least ~2M multiply-adds, as the fp32 kernel.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 21) / std::max<int64_t>(1, M * KB * 32 * 16));
+  at::parallel_for(0, NB, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int valid = static_cast<int>(std::min<int64_t>(16, N - nb * 16));
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int mr = static_cast<int>(std::min<int64_t>(16, M - m0));
+        kFmaBlocks[mr](xp + m0, M, w + nb * K2 * 32, K2, bp ? bp + nb * 16 : nullptr, valid, yp + m0 * N + nb * 16, N);
+      }
+    }
+  });
+}
+
+// The shared checks of both paths; returns the bias pointer (or null) and keeps `b` alive.
+const uint16_t* check_linear_bf16(const char* name, const torch::Tensor& x, const torch::Tensor& wp,
+                                  const c10::optional<torch::Tensor>& bias, int64_t N, torch::Tensor& b) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.size(0) <= 32,
-              "linear_bf16: expected x [M <= 32, K] bf16 on the CPU, got ", x.sizes(), " ", x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1);
+              name, ": expected x [M <= 32, K] bf16 on the CPU, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t K = x.size(1);
   TORCH_CHECK(wp.dim() == 5 && wp.size(2) == 16 && wp.size(3) == 16 && wp.size(4) == 2 && wp.is_contiguous() &&
                   wp.scalar_type() == torch::kBFloat16 && wp.size(1) == (K + 31) / 32 &&
                   N > (wp.size(0) - 1) * 16 && N <= wp.size(0) * 16,
-              "linear_bf16: packed weight ", wp.sizes(), " does not fit x ", x.sizes(), " and N=", N);
-  const uint16_t* bp = nullptr;
+              name, ": packed weight ", wp.sizes(), " does not fit x ", x.sizes(), " and N=", N);
+  if (!(bias.has_value() && bias->defined())) return nullptr;
+  b = bias->contiguous();
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == torch::kBFloat16,
+              name, ": bias ", b.sizes(), " ", b.scalar_type(), " for N=", N);
+  return reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+}
+
+// The AVX-512F path alone (tests compare it with the AMX path where both run).
+torch::Tensor linear_bf16_fma(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                              int64_t N) {
   torch::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    b = bias->contiguous();
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == N && b.scalar_type() == torch::kBFloat16,
-                "linear_bf16: bias ", b.sizes(), " ", b.scalar_type(), " for N=", N);
-    bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
-  }
+  const uint16_t* bp = check_linear_bf16("linear_bf16_fma", x, wp, bias, N, b);
+  auto y = torch::empty({x.size(0), N}, x.options());
+  if (x.size(0) > 0) linear_bf16_fma_into(x.contiguous(), wp, bp, N, y);
+  return y;
+}
+
+// AMX where amx_bf16_ready(), else the AVX-512F path.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& wp, const c10::optional<torch::Tensor>& bias,
+                          int64_t N) {
+  if (!amx_bf16_ready()) return linear_bf16_fma(x, wp, bias, N);
+  torch::Tensor b;
+  const uint16_t* bp = check_linear_bf16("linear_bf16", x, wp, bias, N, b);
+  const int64_t M = x.size(0), K = x.size(1);
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
 #if GROUPGEN_HAVE_AMX
@@ -195,11 +283,13 @@ TORCH_LIBRARY_FRAGMENT(groupgen, m) {
   m.def("amx_bf16_ready() -> bool");
   m.def("pack_bf16(Tensor w) -> Tensor");
   m.def("linear_bf16(Tensor x, Tensor wp, Tensor? bias, int n) -> Tensor");
+  m.def("linear_bf16_fma(Tensor x, Tensor wp, Tensor? bias, int n) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(groupgen, CPU, m) {
   m.impl("pack_bf16", &pack_bf16);
   m.impl("linear_bf16", &linear_bf16);
+  m.impl("linear_bf16_fma", &linear_bf16_fma);
 }
 
 TORCH_LIBRARY_IMPL(groupgen, CatchAll, m) { m.impl("amx_bf16_ready", &amx_bf16_ready); }

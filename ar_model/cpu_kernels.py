@@ -5,9 +5,11 @@ Decode kernels, for inference only:
 - ``linear(x, packed, bias, n)``: a GEMM for a few rows (decode: batch x 2 for guidance) against a
   weight packed once by ``pack(w)``. fp32 with AVX-512: a GPT-B step's 444 MB of fp32 weights at 16
   rows: MKL's packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms
-  (13 GB/s); a streaming read of the same bytes takes ~24 ms. bf16 with AMX (``cpu_decode_amx.cpp``,
-  up to 32 rows, where the CPU and OS allow AMX): the 222 MB of bf16 weights, oneDNN 19.6 ms
-  (10 GB/s), this kernel 12.4 ms (16 GB/s) (``bench/decode_linear.py``).
+  (13 GB/s); a streaming read of the same bytes takes ~24 ms. bf16 (``cpu_decode_amx.cpp``, up to 32
+  rows): with AMX where the CPU and OS allow it, the 222 MB of bf16 weights, oneDNN 19.6 ms (10 GB/s),
+  this kernel 12.4 ms (16 GB/s); elsewhere with AVX-512F FMAs on the same packed weights, against
+  oneDNN's AVX512-BF16 path on a CPU without AMX: 24.9 -> 15.9 ms at 16 rows, 1.1-1.6x at 2-32 rows,
+  0.87x at 1 row (so one row stays on oneDNN there) (``bench/decode_linear.py``).
 - ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
   cache, in one pass (online softmax over blocks of 16 positions). GPT-B's 12 layers at prefix 251:
   ~13 / ~7.4 ms (fp32 / bf16), reading the cache at 20-23 GB/s, the machine's streaming rate; SDPA
@@ -110,10 +112,20 @@ def amx_bf16() -> bool:
 
 
 def linear_supports(dtype: torch.dtype) -> bool:
-    """Whether ``pack``/``linear`` have a kernel for weights of ``dtype`` on this machine."""
+    """Whether ``pack``/``linear`` have a kernel for weights of ``dtype`` on this machine (fp32 and
+    bf16 wherever the kernels are built: bf16 on AMX where allowed, else on AVX-512F FMAs)."""
+    return dtype in (torch.float32, torch.bfloat16) and kernels() is not None
+
+
+def linear_min_rows(dtype: torch.dtype) -> int | None:
+    """The fewest rows for which ``linear`` beats the library's packed GEMM here (measured with
+    ``bench/decode_linear.py``): fp32 4 (MKL is as fast below); bf16 1 on AMX, 2 on the AVX-512F
+    path (oneDNN's single-row bf16 GEMV is faster). None where there is no kernel for ``dtype``."""
+    if not linear_supports(dtype):
+        return None
     if dtype == torch.float32:
-        return kernels() is not None
-    return dtype == torch.bfloat16 and amx_bf16()
+        return 4
+    return 1 if amx_bf16() else 2
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -127,7 +139,8 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x [M, K] -> x @ W^T (+ bias) [M, n] with W packed by ``pack``; fp32 any M, bf16 M <= 32."""
+    """x [M, K] -> x @ W^T (+ bias) [M, n] with W packed by ``pack``; fp32 any M, bf16 M <= 32 (AMX
+    where ``amx_bf16()``, else AVX-512F)."""
     if x.dtype == torch.bfloat16:
         return torch.ops.groupgen.linear_bf16(x.contiguous(), packed, bias, n)
     return torch.ops.groupgen.linear_f32(x.contiguous(), packed, bias, n)
@@ -208,10 +221,12 @@ WEIGHT_GRAD_MIN_NUMEL = 1 << 20
 
 
 def weight_grad_supported(g: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether ``weight_grad`` has its kernel for these operands (bf16 on the CPU, kernels built,
-    a weight of at least ``WEIGHT_GRAD_MIN_NUMEL`` elements)."""
+    """Whether ``weight_grad`` applies to these operands: bf16 on the CPU, a weight of at least
+    ``WEIGHT_GRAD_MIN_NUMEL`` elements, and AMX (the contiguous source is what oneDNN's AMX GEMM
+    prefers; without AMX its AVX512-BF16 GEMM runs both forms alike and the copy costs 0-2%:
+    ``bench/train_kernels.py`` 0.98-1.00x on GPT-B's linears)."""
     return (g.dtype == x.dtype == torch.bfloat16 and g.device.type == x.device.type == "cpu"
-            and g.shape[-1] * x.shape[-1] >= WEIGHT_GRAD_MIN_NUMEL and kernels() is not None)
+            and g.shape[-1] * x.shape[-1] >= WEIGHT_GRAD_MIN_NUMEL and amx_bf16())
 
 
 def weight_grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ class Linear(nn.Linear):
     packs its weight once and reuses it until the weight or the path changes or
     ``release_packed()`` is called. Paths, by dtype and row count:
     - ``kernel``: groupgen's own GEMM (``cpu_kernels``, where built): fp32 with AVX-512 for 4..32
-      rows, bf16 with AMX for 1..32 rows;
+      rows, bf16 with AMX for 1..32 rows or, without AMX, with AVX-512F for 2..32 rows;
     - ``packed``: the library GEMM on a weight packed for that row count (MKL's packed sgemm for
       fp32, oneDNN for bf16), up to ``MAX_ROWS`` rows;
     - ``F.linear`` otherwise (training, GPUs, fewer than ``MIN_ROWS`` or more than ``MAX_ROWS``),
@@ -105,24 +105,24 @@ class Linear(nn.Linear):
       a contiguous copy (``F.linear``'s forward and input gradient, a faster weight-gradient GEMM).
     Results equal ``F.linear`` up to the order of the fp32 accumulation. A GPT-B decode step's
     linears at 16 rows: fp32 56 ms with ``F.linear``, 39 ms MKL packed, 30 ms with the kernel;
-    bf16 32 ms, oneDNN packed 20-24 ms, AMX kernel 12 ms (``bench/decode_linear.py``).
+    bf16 32 ms, oneDNN packed 20-24 ms, AMX kernel 12 ms; on a CPU without AMX, oneDNN packed 25 ms,
+    AVX-512F kernel 16 ms (``bench/decode_linear.py``).
     """
 
     # Rows taken by the packed path. Below MIN_ROWS, F.linear is as fast (decode_linear.py); dtypes
     # missing from MIN_ROWS have no packed kernel.
     MAX_ROWS = 64
     MIN_ROWS = {torch.float32: 4, torch.bfloat16: 2}
-    # Rows taken by cpu_kernels's kernels where they run. fp32: MKL's packed GEMM is as fast at 32
-    # rows and faster at 64 (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms); bf16 (AMX) handles at
-    # most 32 rows and beats oneDNN from 1 row on.
-    KERNEL_MIN_ROWS = {torch.float32: 4, torch.bfloat16: 1}
+    # Rows taken by cpu_kernels's kernels where they run: from cpu_kernels.linear_min_rows(dtype) up
+    # to KERNEL_MAX_ROWS. fp32: MKL's packed GEMM is as fast at 32 rows and faster at 64
+    # (decode_linear.py: 54 vs 55 ms, 114 vs 86 ms); bf16 handles at most 32 rows.
     KERNEL_MAX_ROWS = 32
 
     @classmethod
     def path(cls, dtype: torch.dtype, rows: int) -> str | None:
         """``"kernel"``, ``"packed"`` or None (``F.linear``) for ``rows`` rows of ``dtype``."""
-        if (cls.KERNEL_MIN_ROWS.get(dtype, cls.KERNEL_MAX_ROWS + 1) <= rows <= cls.KERNEL_MAX_ROWS
-                and cpu_kernels.linear_supports(dtype)):
+        lo = cpu_kernels.linear_min_rows(dtype)
+        if lo is not None and lo <= rows <= cls.KERNEL_MAX_ROWS:
             return "kernel"
         if cls.MIN_ROWS.get(dtype, cls.MAX_ROWS + 1) <= rows <= cls.MAX_ROWS:
             return "packed"

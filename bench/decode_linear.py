@@ -9,9 +9,9 @@ memory) run for a few row counts, without autograd:
 - ``packed``: the weight packed once into the library GEMM's layout (MKL packed sgemm for fp32,
   oneDNN for bf16) and reused;
 - ``kernel`` (where ``ar_model.cpu_kernels`` is built): groupgen's GEMM on its own packed layout,
-  AVX-512 for fp32, AMX for bf16 up to 32 rows (where the CPU and OS allow AMX).
-``Linear.path`` picks ``kernel`` in ``Linear.KERNEL_MIN_ROWS..KERNEL_MAX_ROWS`` rows, ``packed``
-otherwise in its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
+  AVX-512 for fp32; bf16 up to 32 rows, on AMX where the CPU and OS allow it, else on AVX-512F.
+``Linear.path`` picks ``kernel`` in ``cpu_kernels.linear_min_rows(dtype)..Linear.KERNEL_MAX_ROWS``
+rows, ``packed`` otherwise in its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
 (median); ratios are F.linear / case; GB/s = weight bytes / median time.
 """
 from __future__ import annotations

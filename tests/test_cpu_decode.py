@@ -1,6 +1,6 @@
-"""groupgen's AVX-512 / AMX decode kernels (ar_model/cpu_decode*.cpp): the fp32 and bf16 GEMMs and the
-decode attention against fp64 references, the top-k selection against torch.topk, their use by Linear,
-Attention.step and the sampler, and the fallback when unbuilt."""
+"""groupgen's AVX-512 / AMX decode kernels (ar_model/cpu_decode*.cpp): the fp32 and bf16 GEMMs (both bf16
+paths: AMX and AVX-512F) and the decode attention against fp64 references, the top-k selection against
+torch.topk, their use by Linear, Attention.step and the sampler, and the fallback when unbuilt."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,9 +14,6 @@ needs_avx512 = pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="th
 
 def _amx_here() -> bool:
     return cpu_kernels._cpu_has_avx512f() and cpu_kernels.amx_bf16()
-
-
-needs_amx = pytest.mark.skipif(not _amx_here(), reason="no AMX-BF16 here (CPU, OS permission or no kernels)")
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -64,9 +61,11 @@ def test_kernels_do_not_depend_on_the_thread_count():
             torch.set_num_threads(t)
             outs.append((cpu_kernels.linear(x, packed, None, 200), cpu_kernels.attention(q, kc, vc, 25),
                          *cpu_kernels.topk(torch.randn(64, 2048, generator=torch.Generator().manual_seed(2)), 300)))
+            wb = torch.randn(1000, 768, generator=torch.Generator().manual_seed(3)).bfloat16()
+            xb = x.bfloat16().repeat(1, 12)
+            outs[-1] += (torch.ops.groupgen.linear_bf16_fma(xb, cpu_kernels.pack(wb), None, 1000),)
             if _amx_here():
-                wb = torch.randn(1000, 768, generator=torch.Generator().manual_seed(3)).bfloat16()
-                outs[-1] += (cpu_kernels.linear(x.bfloat16().repeat(1, 12), cpu_kernels.pack(wb), None, 1000),)
+                outs[-1] += (cpu_kernels.linear(xb, cpu_kernels.pack(wb), None, 1000),)
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -140,33 +139,49 @@ def test_decode_attention_leaves_unsupported_cases_to_sdpa():
         cpu_kernels.attention(q.float(), kc.contiguous(), kc.contiguous(), 10)
 
 
-@needs_amx
+def _bf16_linear(path: str):
+    """The bf16 decode GEMM by path: "amx" (skipped where AMX is not allowed) or "fma" (AVX-512F, the
+    path of CPUs without AMX, run explicitly so AMX machines test it too)."""
+    if path == "amx":
+        if not _amx_here():
+            pytest.skip("no AMX-BF16 here (CPU, OS permission or no kernels)")
+        return cpu_kernels.linear
+    return lambda x, packed, bias, n: torch.ops.groupgen.linear_bf16_fma(x.contiguous(), packed, bias, n)
+
+
+@needs_avx512
+@pytest.mark.parametrize("path", ["amx", "fma"])
 @pytest.mark.parametrize("n,k", [(80, 48), (37, 33), (2048, 256), (16, 768)])
-def test_amx_bf16_linear_matches_fp64_like_onednn(n, k):
+def test_bf16_linear_matches_fp64_like_onednn(path, n, k):
+    linear = _bf16_linear(path)
     g = torch.Generator().manual_seed(n + k)
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
     packed = cpu_kernels.pack(w)
     assert packed.shape == ((n + 15) // 16, (k + 31) // 32, 16, 16, 2) and packed.dtype == torch.bfloat16
-    for m in (1, 5, 16, 17, 32):                      # one or two row tiles, partial ones
+    for m in (1, 2, 5, 8, 9, 16, 17, 32):             # one or two row tiles, partial ones
         x = torch.randn(m, k, generator=g).bfloat16()
         for bias in (None, b):
-            y = cpu_kernels.linear(x, packed, bias, n)
+            y = linear(x, packed, bias, n)
             ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
             assert y.shape == (m, n) and y.dtype == torch.bfloat16
             # fp32 accumulation, one rounding to bf16: as accurate as PyTorch's own bf16 linear
             assert _rel(y, ref) <= 1.1 * _rel(F.linear(x, w, bias), ref) + 1e-4
 
 
-@needs_amx
-def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
+@needs_avx512
+@pytest.mark.parametrize("path", ["amx", "fma"])
+def test_bf16_linear_errors_and_leaves_onednn_intact(path):
+    linear = _bf16_linear(path)
     w = torch.randn(64, 96).bfloat16()
     packed = cpu_kernels.pack(w)
     with pytest.raises(RuntimeError, match="M <= 32"):
-        cpu_kernels.linear(torch.randn(33, 96).bfloat16(), packed, None, 64)
+        linear(torch.randn(33, 96).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_kernels.linear(torch.randn(4, 128).bfloat16(), packed, None, 64)
+        linear(torch.randn(4, 128).bfloat16(), packed, None, 64)
     with pytest.raises(RuntimeError, match="does not fit"):
-        cpu_kernels.linear(torch.randn(4, 96).bfloat16(), packed, None, 90)
+        linear(torch.randn(4, 96).bfloat16(), packed, None, 90)
+    with pytest.raises(RuntimeError, match="bias"):
+        linear(torch.randn(4, 96).bfloat16(), packed, torch.zeros(63).bfloat16(), 64)
     # oneDNN configures the AMX tiles itself: its results are the same after our kernel ran
     from ar_model.layers import _pack_weight, _packed_mm
     x = torch.randn(16, 96).bfloat16()
@@ -174,7 +189,7 @@ def test_amx_bf16_linear_errors_and_leaves_onednn_intact():
     if onednn is None:
         pytest.skip("no oneDNN packed linear in this PyTorch build")
     before = _packed_mm(x, onednn, w, None, 16)
-    ours = cpu_kernels.linear(x, packed, None, 64)
+    ours = linear(x, packed, None, 64)
     after = _packed_mm(x, onednn, w, None, 16)
     assert torch.equal(before, after) and _rel(ours, F.linear(x.double(), w.double())) < 4e-3
 
@@ -300,8 +315,8 @@ def test_linear_takes_the_kernel_up_to_its_row_limit():
             y = lin(x)
             assert (_PACKED[lin][0][3] == "kernel") == kernel
             assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
-    assert Linear.path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)
-    assert Linear.path(torch.bfloat16, 16) == ("kernel" if _amx_here() else "packed")
+    assert Linear.path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)   # oneDNN's GEMV wins without AMX
+    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, 16) == "kernel"
     assert Linear.path(torch.bfloat16, 33) == "packed" and Linear.path(torch.float32, 2) is None
 
 
@@ -343,8 +358,9 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, count_taken, cpu_ke
     assert (with_kernels - full).abs().max().item() < 1e-5
 
 
-@needs_amx
-def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch, cpu_kernel_path):
+@needs_avx512
+def test_bf16_gpt_decoding_with_the_kernel_is_as_accurate_as_onednn(monkeypatch, cpu_kernel_path):
+    """The bf16 decode GEMM (AMX where allowed, else AVX-512F) against oneDNN, in a whole model."""
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
     cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2)
     torch.manual_seed(0)
@@ -363,12 +379,12 @@ def test_bf16_gpt_decoding_with_amx_is_as_accurate_as_onednn(monkeypatch, cpu_ke
         calls["bf16"] += x.dtype == torch.bfloat16
         return _f(x, *a)
     monkeypatch.setattr(cpu_kernels, "linear", counted)
-    amx = _decode_logits(mb, labels, codes)
+    ours = _decode_logits(mb, labels, codes)
     assert calls["bf16"] > 0
     cpu_kernel_path(False)
     onednn = _decode_logits(mb, labels, codes)
     err = lambda a: ((a.double() - ref).norm() / ref.norm()).item()  # noqa: E731
-    assert err(amx) <= 1.25 * err(onednn) + 1e-3, (err(amx), err(onednn))
+    assert err(ours) <= 1.25 * err(onednn) + 1e-3, (err(ours), err(onednn))
 
 
 def test_failed_build_warns_once_and_falls_back(monkeypatch):

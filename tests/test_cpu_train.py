@@ -59,6 +59,7 @@ def test_weight_grad_equals_fp64_within_bf16_rounding(T, N, K):
 def test_linear_bf16_training_path_matches_autograd(bias, monkeypatch):
     min_rows, min_numel = cpu_train_ops.MIN_ROWS, cpu_kernels.WEIGHT_GRAD_MIN_NUMEL
     monkeypatch.setattr(cpu_kernels, "WEIGHT_GRAD_MIN_NUMEL", 0)      # this small weight takes the kernel too
+    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: True)         # as on an AMX machine (the kernel runs anywhere)
     calls = []
     monkeypatch.setattr(cpu_kernels, "weight_grad", lambda g, x, _f=cpu_kernels.weight_grad: calls.append(1) or _f(g, x))
     torch.manual_seed(0)
