@@ -320,6 +320,24 @@ def test_linear_takes_the_kernel_up_to_its_row_limit():
     assert Linear.path(torch.bfloat16, 33) == "packed" and Linear.path(torch.float32, 2) is None
 
 
+@needs_avx512
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_rows_route_by_the_gemm_this_cpu_runs(amx, monkeypatch):
+    """bf16 takes the kernel from 1 row on AMX and from 2 rows on the AVX-512F path (below, oneDNN's
+    GEMV is faster); fp32 from 4 rows; nothing above KERNEL_MAX_ROWS."""
+    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: amx)
+    assert cpu_kernels.linear_min_rows(torch.bfloat16) == (1 if amx else 2)
+    assert cpu_kernels.linear_min_rows(torch.float32) == 4 and cpu_kernels.linear_min_rows(torch.float16) is None
+    assert Linear.path(torch.bfloat16, 1) == ("kernel" if amx else None)
+    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS) == "kernel"
+    assert Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS + 1) == "packed"
+
+
+def test_no_kernel_rows_without_kernels(no_kernels):
+    assert all(cpu_kernels.linear_min_rows(d) is None for d in (torch.float32, torch.bfloat16))
+    assert Linear.path(torch.bfloat16, 16) == "packed" and Linear.path(torch.float32, 16) == "packed"
+
+
 def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     out = []
     with torch.no_grad():
