@@ -28,6 +28,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu_simd.h"
 
@@ -188,9 +189,17 @@ constexpr FmaBlock kFmaBlocks[17] = {
 void linear_bf16_fma_into(const torch::Tensor& x, const torch::Tensor& wp, const uint16_t* bp, int64_t N,
                           torch::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), NB = wp.size(0), KB = wp.size(1);
-  auto xt = torch::zeros({KB * 32, M}, x.options().dtype(torch::kFloat32));
-  xt.narrow(0, 0, K).copy_(x.t());
-  const float* xp = xt.data_ptr<float>();
+  // x (contiguous bf16) -> fp32 [KB * 32, M], zero past K: one small loop instead of three torch ops
+  // per call (the sub-token head makes thousands of tiny calls per generation).
+  auto xt = torch::empty({KB * 32, M}, x.options().dtype(torch::kFloat32));
+  float* xtp = xt.data_ptr<float>();
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  for (int64_t k = 0; k < KB * 32; ++k)
+    for (int64_t m = 0; m < M; ++m) {
+      const uint32_t bits = k < K ? static_cast<uint32_t>(xs[m * K + k]) << 16 : 0u;
+      std::memcpy(xtp + k * M + m, &bits, sizeof(bits));
+    }
+  const float* xp = xtp;
   const uint16_t* w = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t K2 = KB * 16;
