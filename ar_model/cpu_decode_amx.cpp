@@ -18,7 +18,8 @@
 // packed weights are read by an AVX-512F kernel: a 64-byte row of a tile holds one k-pair of 16
 // outputs, its even bf16 lanes become fp32 with a 16-bit shift and its odd lanes with a mask, and
 // each feeds 16-lane FMAs against x broadcast per row. oneDNN's bf16 path there (AVX512-BF16's
-// vdpbf16ps, 4x slower per instruction than an FMA on the machine measured) takes ~2x as long.
+// vdpbf16ps, which retired 4x fewer instructions per second than an FMA on the machine measured)
+// takes 1.2-1.6x as long at 2-32 rows (BENCHMARKS.md, session 9).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
