@@ -14,10 +14,10 @@
 // The AMX code is compiled per function (target attributes), so the rest of the extension still
 // runs on CPUs without AMX; amx_bf16_ready() says whether this CPU and kernel allow it.
 //
-// Without AMX (AMD Zen 4/5, Intel before Sapphire Rapids, or a hypervisor that hides it) the same
-// packed weights are read by an AVX-512F kernel: a 64-byte row of a tile holds one k-pair of 16
-// outputs, its even bf16 lanes become fp32 with a 16-bit shift and its odd lanes with a mask, and
-// each feeds 16-lane FMAs against x broadcast per row. oneDNN's bf16 path there (AVX512-BF16's
+// Without AMX (Intel before Sapphire Rapids, a hypervisor that hides it, AMD) the same packed weights
+// can be read by an AVX-512F kernel (cpu_kernels.bf16_fma_preferred() says where decoding uses it):
+// a 64-byte row of a tile holds one k-pair of 16 outputs, its even bf16 lanes become fp32 with a
+// 16-bit shift and its odd lanes with a mask, and each feeds 16-lane FMAs against x broadcast per row. oneDNN's bf16 path there (AVX512-BF16's
 // vdpbf16ps, which retired 4x fewer instructions per second than an FMA on the machine measured)
 // takes 1.2-1.6x as long at 2-32 rows (BENCHMARKS.md, session 9).
 #include <torch/extension.h>

@@ -7,9 +7,10 @@ Decode kernels, for inference only:
   rows: MKL's packed sgemm 39 ms (10 GB/s), this kernel, which prefetches the weight stream, 30 ms
   (13 GB/s); a streaming read of the same bytes takes ~24 ms. bf16 (``cpu_decode_amx.cpp``, up to 32
   rows): with AMX where the CPU and OS allow it, the 222 MB of bf16 weights, oneDNN 19.6 ms (10 GB/s),
-  this kernel 12.4 ms (16 GB/s); elsewhere with AVX-512F FMAs on the same packed weights, against
-  oneDNN's AVX512-BF16 path on a CPU without AMX: 24.9 -> 15.9 ms at 16 rows, 1.1-1.6x at 2-32 rows,
-  0.87x at 1 row (so one row stays on oneDNN there) (``bench/decode_linear.py``).
+  this kernel 12.4 ms (16 GB/s); elsewhere with AVX-512F FMAs on the same packed weights (used where
+  ``bf16_fma_preferred()``), against oneDNN's AVX512-BF16 path on an Intel CPU without AMX: 24.9 ->
+  15.9 ms at 16 rows, 1.1-1.6x at 2-32 rows, 0.87x at 1 row (so one row stays on oneDNN there)
+  (``bench/decode_linear.py``).
 - ``attention(q, kc, vc, n)``: one query per head over the first ``n`` rows of an fp32 or bf16 KV
   cache, in one pass (online softmax over blocks of 16 positions). GPT-B's 12 layers at prefix 251:
   ~13 / ~7.4 ms (fp32 / bf16), reading the cache at 20-23 GB/s, the machine's streaming rate; SDPA
@@ -53,6 +54,33 @@ def _cpu_has_avx512f() -> bool:
         return any("avx512f" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except OSError:
         return False
+
+
+def _cpu_vendor_and_flags() -> tuple[str, set[str]]:
+    """(vendor_id, flags) of the first CPU in /proc/cpuinfo, or ("", set()) where unreadable."""
+    vendor, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("vendor_id") and not vendor:
+                vendor = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return vendor, flags
+
+
+def bf16_fma_preferred() -> bool:
+    """Whether the bf16 decode GEMM should run on AVX-512F FMAs where AMX is missing. Measured on an
+    Intel host that hides AMX: ``vdpbf16ps`` retires 4x fewer instructions per second than an FMA, so
+    oneDNN's AVX512-BF16 GEMM takes 1.2-1.6x as long as the FMA path. On CPUs with AVX512-BF16 from
+    other vendors (AMD Zen 4/5 run ``vdpbf16ps`` at up to twice an FMA's multiply-adds) it is not
+    measured, so oneDNN keeps those; without AVX512-BF16 oneDNN has no native bf16 product at all."""
+    if "fma_preferred" not in _state:
+        vendor, flags = _cpu_vendor_and_flags()
+        _state["fma_preferred"] = vendor == "GenuineIntel" or "avx512_bf16" not in flags
+    return _state["fma_preferred"]
 
 
 def unavailable_reason() -> str:
@@ -112,9 +140,12 @@ def amx_bf16() -> bool:
 
 
 def linear_supports(dtype: torch.dtype) -> bool:
-    """Whether ``pack``/``linear`` have a kernel for weights of ``dtype`` on this machine (fp32 and
-    bf16 wherever the kernels are built: bf16 on AMX where allowed, else on AVX-512F FMAs)."""
-    return dtype in (torch.float32, torch.bfloat16) and kernels() is not None
+    """Whether ``pack``/``linear`` have a kernel for weights of ``dtype`` that decoding should use on
+    this machine: fp32 wherever the kernels are built; bf16 on AMX where allowed, else on AVX-512F
+    FMAs where ``bf16_fma_preferred()``."""
+    if dtype == torch.float32:
+        return kernels() is not None
+    return dtype == torch.bfloat16 and kernels() is not None and (amx_bf16() or bf16_fma_preferred())
 
 
 def linear_min_rows(dtype: torch.dtype) -> int | None:

@@ -39,18 +39,22 @@ def main(argv=None) -> dict:
     shapes = MICRO if a.quick else GPT_B
     reps = 2 if a.quick else a.reps
     R: dict = {"machine": machine_info(a.threads), "rows": {}}
-    R["kernels"] = cpu_kernels.unavailable_reason() or ("built, AMX bf16" if cpu_kernels.amx_bf16() else "built")
+    R["kernels"] = cpu_kernels.unavailable_reason() or (
+        "built, bf16 on AMX" if cpu_kernels.amx_bf16() else
+        f"built, bf16 on AVX-512F ({'used' if cpu_kernels.bf16_fma_preferred() else 'measured only: oneDNN decodes'})")
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         ws = [torch.randn(n, k, generator=g).to(dtype) for n, k in shapes]
         gbytes = sum(w.numel() * w.element_size() for w in ws) / 1e9
-        kernel_packs = [cpu_kernels.pack(w) for w in ws] if cpu_kernels.linear_supports(dtype) else None
+        # Measured wherever the kernel runs, also where Linear does not route to it (for bf16 on other
+        # vendors' AVX512-BF16, see cpu_kernels.bf16_fma_preferred), so such a machine can decide.
+        kernel_packs = [cpu_kernels.pack(w) for w in ws] if cpu_kernels.kernels() is not None else None
         for rows in (int(r) for r in a.rows.split(",")):
             xs = {k: torch.randn(rows, k, generator=g).to(dtype) for k in {k for _, k in shapes}}
             packs = [_pack_weight(w, rows) for w in ws]
             cases = {"F.linear": lambda: [F.linear(xs[w.shape[1]], w) for w in ws],
                      "packed": lambda: [_packed_mm(xs[w.shape[1]], p, w, None, rows) for w, p in zip(ws, packs)]}
-            if kernel_packs is not None and (dtype == torch.float32 or rows <= 32):   # AMX: up to 32 rows
+            if kernel_packs is not None and (dtype == torch.float32 or rows <= 32):   # bf16: up to 32 rows
                 cases["kernel"] = lambda: [cpu_kernels.linear(xs[w.shape[1]], p, None, w.shape[0])
                                            for w, p in zip(ws, kernel_packs)]
             with torch.inference_mode():

@@ -1,7 +1,6 @@
 """The decode microbenchmarks run (--quick shapes) and report every case, so they cannot rot
 between benchmark sessions. No timing is asserted."""
 import pytest
-import torch
 
 from ar_model import cpu_kernels
 from bench import decode_attention, decode_linear, sampler_topk, train_kernels
@@ -11,9 +10,9 @@ def test_decode_linear_bench_quick(tmp_path):
     out = tmp_path / "lin.json"
     R = decode_linear.main(["--quick", "--rows", "4,16", "--json", str(out)])
     assert out.exists() and set(R["rows"]) == {"float32:4", "float32:16", "bfloat16:4", "bfloat16:16"}
-    kernel = {"float32": cpu_kernels.linear_supports(torch.float32), "bfloat16": cpu_kernels.linear_supports(torch.bfloat16)}
-    for key, row in R["rows"].items():
-        assert {"F.linear", "packed"} <= set(row) and ("kernel" in row) == kernel[key.split(":")[0]]
+    built = cpu_kernels.kernels() is not None   # measured wherever it runs, routed to or not
+    for row in R["rows"].values():
+        assert {"F.linear", "packed"} <= set(row) and ("kernel" in row) == built
         assert all(c["ms"] > 0 and c["ratio"] > 0 for c in row.values())
 
 

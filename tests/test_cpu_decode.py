@@ -316,7 +316,8 @@ def test_linear_takes_the_kernel_up_to_its_row_limit():
             assert (_PACKED[lin][0][3] == "kernel") == kernel
             assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
     assert Linear.path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)   # oneDNN's GEMV wins without AMX
-    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, 16) == "kernel"
+    bf16_kernel = "kernel" if cpu_kernels.linear_supports(torch.bfloat16) else "packed"
+    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, 16) == bf16_kernel
     assert Linear.path(torch.bfloat16, 33) == "packed" and Linear.path(torch.float32, 2) is None
 
 
@@ -326,11 +327,28 @@ def test_bf16_rows_route_by_the_gemm_this_cpu_runs(amx, monkeypatch):
     """bf16 takes the kernel from 1 row on AMX and from 2 rows on the AVX-512F path (below, oneDNN's
     GEMV is faster); fp32 from 4 rows; nothing above KERNEL_MAX_ROWS."""
     monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: amx)
+    monkeypatch.setattr(cpu_kernels, "bf16_fma_preferred", lambda: True)
     assert cpu_kernels.linear_min_rows(torch.bfloat16) == (1 if amx else 2)
     assert cpu_kernels.linear_min_rows(torch.float32) == 4 and cpu_kernels.linear_min_rows(torch.float16) is None
     assert Linear.path(torch.bfloat16, 1) == ("kernel" if amx else None)
     assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS) == "kernel"
     assert Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS + 1) == "packed"
+
+
+@needs_avx512
+def test_bf16_without_amx_keeps_onednn_where_the_fma_path_is_unmeasured(monkeypatch):
+    """Without AMX the FMA path is taken on Intel CPUs and CPUs without AVX512-BF16; other vendors'
+    AVX512-BF16 (e.g. AMD Zen 4/5, whose vdpbf16ps is fast) keep oneDNN."""
+    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: False)
+    for vendor, flags, fma in [("GenuineIntel", {"avx512f", "avx512_bf16"}, True),
+                               ("AuthenticAMD", {"avx512f", "avx512_bf16"}, False),
+                               ("AuthenticAMD", {"avx512f"}, True)]:
+        monkeypatch.setattr(cpu_kernels, "_cpu_vendor_and_flags", lambda v=vendor, f=flags: (v, f))
+        monkeypatch.delitem(cpu_kernels._state, "fma_preferred", raising=False)
+        assert cpu_kernels.bf16_fma_preferred() == fma
+        assert cpu_kernels.linear_supports(torch.bfloat16) == fma
+        assert Linear.path(torch.bfloat16, 16) == ("kernel" if fma else "packed")
+    monkeypatch.delitem(cpu_kernels._state, "fma_preferred", raising=False)   # re-read the real CPU later
 
 
 def test_no_kernel_rows_without_kernels(no_kernels):
