@@ -17,9 +17,9 @@
 // Without AMX (Intel before Sapphire Rapids, a hypervisor that hides it, AMD) the same packed weights
 // can be read by an AVX-512F kernel (cpu_kernels.bf16_fma_preferred() says where decoding uses it):
 // a 64-byte row of a tile holds one k-pair of 16 outputs, its even bf16 lanes become fp32 with a
-// 16-bit shift and its odd lanes with a mask, and each feeds 16-lane FMAs against x broadcast per row. oneDNN's bf16 path there (AVX512-BF16's
-// vdpbf16ps, which retired 4x fewer instructions per second than an FMA on the machine measured)
-// takes 1.2-1.6x as long at 2-32 rows (BENCHMARKS.md, session 9).
+// 16-bit shift and its odd lanes with a mask, and each feeds 16-lane FMAs against x broadcast per row.
+// oneDNN's bf16 path there (AVX512-BF16's vdpbf16ps, which retired 4x fewer instructions per second
+// than an FMA on the machine measured) takes 1.2-1.6x as long at 2-32 rows (BENCHMARKS.md, session 9).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cpuid.h>
@@ -200,7 +200,6 @@ void linear_bf16_fma_into(const torch::Tensor& x, const torch::Tensor& wp, const
       const uint32_t bits = k < K ? static_cast<uint32_t>(xs[m * K + k]) << 16 : 0u;
       std::memcpy(xtp + k * M + m, &bits, sizeof(bits));
     }
-  const float* xp = xtp;
   const uint16_t* w = reinterpret_cast<const uint16_t*>(wp.data_ptr<at::BFloat16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
   const int64_t K2 = KB * 16;
@@ -211,7 +210,7 @@ void linear_bf16_fma_into(const torch::Tensor& x, const torch::Tensor& wp, const
       const int valid = static_cast<int>(std::min<int64_t>(16, N - nb * 16));
       for (int64_t m0 = 0; m0 < M; m0 += 16) {
         const int mr = static_cast<int>(std::min<int64_t>(16, M - m0));
-        kFmaBlocks[mr](xp + m0, M, w + nb * K2 * 32, K2, bp ? bp + nb * 16 : nullptr, valid, yp + m0 * N + nb * 16, N);
+        kFmaBlocks[mr](xtp + m0, M, w + nb * K2 * 32, K2, bp ? bp + nb * 16 : nullptr, valid, yp + m0 * N + nb * 16, N);
       }
     }
   });

@@ -50,10 +50,7 @@ _state: dict = {"tried": False, "ext": None, "why": ""}
 
 
 def _cpu_has_avx512f() -> bool:
-    try:
-        return any("avx512f" in line.split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
-    except OSError:
-        return False
+    return "avx512f" in _cpu_vendor_and_flags()[1]
 
 
 def _cpu_vendor_and_flags() -> tuple[str, set[str]]:

@@ -11,8 +11,8 @@ memory) run for a few row counts, without autograd:
 - ``kernel`` (where ``ar_model.cpu_kernels`` is built): groupgen's GEMM on its own packed layout,
   AVX-512 for fp32; bf16 up to 32 rows, on AMX where the CPU and OS allow it, else on AVX-512F.
 ``Linear.path`` picks ``kernel`` in ``cpu_kernels.linear_min_rows(dtype)..Linear.KERNEL_MAX_ROWS``
-rows, ``packed`` otherwise in its row range. Packing happens in the warmup. Cases interleaved; milliseconds per whole step
-(median); ratios are F.linear / case; GB/s = weight bytes / median time.
+rows, ``packed`` otherwise in its row range. Packing happens in the warmup. Cases interleaved;
+milliseconds per whole step (median); ratios are F.linear / case; GB/s = weight bytes / median time.
 """
 from __future__ import annotations
 
