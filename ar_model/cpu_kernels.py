@@ -176,17 +176,19 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: 
 
 def attention(q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n: int) -> torch.Tensor | None:
     """Scaled dot-product attention of q [B, H, 1, D] over ``kc``/``vc`` [B, Hk, T, D] rows 0..n-1
-    (no mask: the query is the newest position). Returns [B, H, 1, D] in the cache dtype, or None
+    (no mask: the query is the newest position). Computes in fp32 over an fp32 or bf16 cache (q of
+    any float dtype, e.g. fp32 over a bf16 cache). Returns [B, H, 1, D] in q's dtype, or None
     where the kernel does not apply (no kernels, head_dim not 16/32/64/128, other dtypes, strided
     caches), so the caller falls back to SDPA."""
     ext = kernels()
     D = q.shape[-1]
-    if (ext is None or kc.dtype not in (torch.float32, torch.bfloat16) or D not in (16, 32, 64, 128)
+    if (ext is None or kc.dtype not in (torch.float32, torch.bfloat16) or vc.dtype != kc.dtype
+            or D not in (16, 32, 64, 128)
             or q.shape[2] != 1 or not (kc.is_contiguous() and vc.is_contiguous())):
         return None
     B, H = q.shape[0], q.shape[1]
     out = torch.ops.groupgen.decode_attention(q.reshape(B, H, D).float().contiguous(), kc, vc, n)
-    return out.view(B, H, 1, D).to(kc.dtype)
+    return out.view(B, H, 1, D).to(q.dtype)
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -288,16 +288,17 @@ class Attention(nn.Module):
         """One token ``x`` [B, 1, dim] at sequence index ``idx``: write k/v into the caches
         ``kc``/``vc`` [B, n_kv_head, T_max, head_dim] and attend to indices 0..idx."""
         q, k, v = self._qkv(x, cos, sin)
-        kc[:, :, idx : idx + 1] = k
+        kc[:, :, idx : idx + 1] = k   # rounded to the cache dtype (a bf16 cache under fp32 compute)
         vc[:, :, idx : idx + 1] = v
         # The query is the newest token, so the filled prefix needs no mask.
-        q = q.to(kc.dtype)
         o = None
         if kc.device.type == "cpu" and not torch.is_grad_enabled():
-            o = cpu_kernels.attention(q, kc, vc, idx + 1)
+            o = cpu_kernels.attention(q, kc, vc, idx + 1)   # fp32 inside, whatever the cache dtype
         if o is None:
-            o = F.scaled_dot_product_attention(q, kc[:, :, : idx + 1], vc[:, :, : idx + 1], **self._sdpa_kw)
-        return self._out(o)
+            dt = torch.promote_types(q.dtype, kc.dtype)
+            o = F.scaled_dot_product_attention(q.to(dt), kc[:, :, : idx + 1].to(dt), vc[:, :, : idx + 1].to(dt),
+                                               **self._sdpa_kw)
+        return self._out(o.to(q.dtype))
 
 
 class FeedForward(nn.Module):

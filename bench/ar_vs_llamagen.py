@@ -25,7 +25,7 @@ from bench.common import (REPO, hwm_mb, now, interleave, machine_info, matmul_pe
 
 from ar_model.model import GPT, gpt_config, make_adamw
 from groupgen.layout import TokenLayout
-from sampling.sample import model_for_precision
+from sampling.sample import SamplingConfig, kv_cache_dtype, model_for_precision
 
 FULL = dict(preset="B", n_layer=12, dim=768, n_head=12, vocab=16384, grid=16, classes=1000, batch=8,
             top_k=2000, g8_K=2048)
@@ -50,6 +50,11 @@ def build_ours(S: dict, G: int = 1, head: str = "independent", subtoken_dim: int
     if S["preset"] != "B":
         over["multiple_of"] = 256
     return GPT(gpt_config(S["preset"], **over), layout, S["classes"])
+
+
+def cache_dtype(S: dict, precision: str) -> torch.dtype:
+    """Our KV cache's dtype for ``precision`` under ``--kv-cache``."""
+    return kv_cache_dtype(SamplingConfig(precision=precision, kv_cache=S.get("kv_cache", "auto")))
 
 
 def import_llamagen(path: str):
@@ -111,7 +116,7 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     timestamps appended to ``times`` (for the cost-growth measurement)."""
 
     from sampling.logits import GroupPicker, GroupSettings
-    from sampling.sample import Plan, SamplingConfig, generate_codes
+    from sampling.sample import Plan, generate_codes
 
     if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
         model = model_for_precision(copy.deepcopy(model), precision)   # keep the caller's fp32 model
@@ -119,7 +124,8 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
     G, L = model.layout.G, model.layout.L
     settings = [GroupSettings(top_k=top_k)] * G
     plan = Plan(model.layout, model.num_classes, [], labels.numpy(), settings, [cfg] * G, True)
-    scfg = SamplingConfig(cfg_scale=cfg, top_k=top_k, precision=precision, batch_size=S["batch"])
+    scfg = SamplingConfig(cfg_scale=cfg, top_k=top_k, precision=precision, batch_size=S["batch"],
+                          kv_cache=S.get("kv_cache", "auto"))
     dev = torch.device("cpu")
 
     def run(positions: list[list[float]] | None = None):
@@ -130,7 +136,7 @@ def ours_sampler(model: GPT, S: dict, precision: str, top_k: int, cfg: float = 4
         lab = torch.cat([labels, torch.full_like(labels, model.num_classes)])
         out, times = [], []
         with torch.inference_mode(), autocast(precision):
-            model.init_cache(lab.shape[0], dev, torch.bfloat16 if precision == "bf16" else torch.float32)
+            model.init_cache(lab.shape[0], dev, cache_dtype(S, precision))
             h = model.prefill(lab)
             for pos in range(L):
                 t0 = now()
@@ -162,7 +168,7 @@ def ours_token_at(model: GPT, S: dict, precision: str, pos: int, top_k: int, cfg
     lab = torch.cat([labels, torch.full_like(labels, model.num_classes)])
     codes = torch.randint(0, min(model.layout.K), (2 * B, G), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode(), autocast(precision):
-        model.init_cache(lab.shape[0], torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32)
+        model.init_cache(lab.shape[0], torch.device("cpu"), cache_dtype(S, precision))
         model.prefill(lab)
         for p in range(pos):
             model.decode(codes, p)
@@ -273,12 +279,14 @@ def main(argv=None) -> dict:
                     help="cpu: process CPU seconds (use with --threads 1 on a crowded machine)")
     ap.add_argument("--n-kv-head", type=int, default=0,
                     help="grouped-query attention for OUR models only (changes the model; e.g. with --parts pos)")
+    ap.add_argument("--kv-cache", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="OUR KV cache dtype (sampling's kv_cache; bf16 under fp32 changes the numerics)")
     ap.add_argument("--json", default="", help="write all numbers here")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     set_clock(a.clock)
-    S = dict(QUICK if a.quick else FULL, n_kv_head=a.n_kv_head or None)
+    S = dict(QUICK if a.quick else FULL, n_kv_head=a.n_kv_head or None, kv_cache=a.kv_cache)
     if a.rss_child:
         print(json.dumps(rss_child(a.rss_child, S, a.llamagen)))
         return {}
@@ -414,7 +422,7 @@ def main(argv=None) -> dict:
         R["rss"] = []
         for spec in [f"{m}:{ph}:{p}" for ph in ("train", "sample") for p in precs for m in ("ours", "llamagen")]:
             cmd = [sys.executable, __file__, "--llamagen", a.llamagen, "--threads", str(a.threads),
-                   "--rss-child", spec] + (["--quick"] if a.quick else [])
+                   "--rss-child", spec, "--kv-cache", a.kv_cache] + (["--quick"] if a.quick else [])
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             row = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else \
                 {"spec": spec, "error": out.stderr[-500:]}

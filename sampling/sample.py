@@ -54,6 +54,8 @@ class SamplingConfig:
     batch_size: int = 64                     # samples per chunk (the guided batch is twice this)
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
+    kv_cache: Literal["auto", "fp32", "bf16"] = "auto"   # auto: the precision's dtype; bf16 under fp32
+    #   halves the cache (memory and its read per step) at one bf16 rounding of each key and value
     device: str = ""                         # "" = cuda:LOCAL_RANK if available, else cpu
     save_png: bool = False                   # DIR/png/<index>_<label>.png
     grid_per_class: int = 8                  # grid columns
@@ -178,6 +180,12 @@ def model_for_precision(model, precision: str):
     return model
 
 
+def kv_cache_dtype(cfg: SamplingConfig) -> torch.dtype:
+    """The KV cache's dtype: ``cfg.kv_cache``, or the sampling precision's where it is "auto"."""
+    name = cfg.precision if cfg.kv_cache == "auto" else cfg.kv_cache
+    return torch.bfloat16 if name == "bf16" else torch.float32
+
+
 def chunk_seed(seed: int, chunk: int) -> int:
     """A generator seed that depends only on (seed, chunk index)."""
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(chunk)]).generate_state(1, np.uint64)[0] >> 1)
@@ -200,7 +208,7 @@ def generate_codes(model, labels: torch.Tensor, plan: Plan, cfg: SamplingConfig,
     lab = torch.cat([labels, torch.full_like(labels, plan.num_classes)]) if plan.guided else labels
     picker = GroupPicker(plan.settings, plan.scales, L, cfg.cfg_schedule, cfg.cfg_stop_after,
                          plan.guided, generator)
-    cache_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    cache_dtype = kv_cache_dtype(cfg)
     out = torch.empty(B, L, G, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()   # no dropout, no class dropout while sampling, whatever mode the caller left

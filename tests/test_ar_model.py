@@ -321,6 +321,40 @@ def test_checkpoint_round_trip(tmp_path, layout, kw):
         load_ar(tmp_path / "tok")
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernel", "sdpa"])
+def test_bf16_kv_cache_under_fp32_equals_a_forward_with_bf16_keys_and_values(monkeypatch, cpu_kernel_path,
+                                                                             count_taken, kernels):
+    """An fp32 model over a bf16 cache (sampling's ``kv_cache=bf16``) rounds each key and value once
+    and computes everything else in fp32: decoding equals the full forward whose k/v are rounded."""
+    from ar_model import cpu_kernels
+    from ar_model.layers import Attention
+    cpu_kernel_path(kernels)
+    calls = count_taken(cpu_kernels, ["attention"])
+    m = make(GRID)   # the independent head: the subtoken head's own attention has no cache
+    codes, labels = data(GRID)
+    with torch.no_grad():
+        exact = m(codes, labels)
+        B, L, G = codes.shape
+        m.init_cache(B, dtype=torch.bfloat16)
+        assert m._kv[0][0].dtype == torch.bfloat16
+        h = m.prefill(labels)
+        out = []
+        for pos in range(L):
+            out.append(m.head_logits(h, codes[:, pos]))
+            assert h.dtype == torch.float32
+            h = m.decode(codes[:, pos], pos)
+        inc = [torch.stack([o[g] for o in out], 1) for g in range(G)]
+        assert (calls["attention"] > 0) == kernels
+        qkv = Attention._qkv
+        round_kv = lambda self, x, cos, sin: (lambda q, k, v: (q, k.bfloat16().float(), v.bfloat16().float()))(
+            *qkv(self, x, cos, sin))
+        monkeypatch.setattr(Attention, "_qkv", round_kv)
+        rounded = m(codes, labels)
+    for i, r, e in zip(inc, rounded, exact):
+        assert (i - r).abs().max().item() < 1e-5            # fp32 agreement with the rounded forward
+        assert 1e-5 < (i - e).abs().max().item() < 0.02     # the rounding is real, and small
+
+
 def test_bf16_autocast_decoding_close_to_fp32():
     m = make(GRID, head="subtoken")
     codes, labels = data(GRID)

@@ -12,13 +12,13 @@ import torch
 
 from ar_model.model import GPT, ar_meta, gpt_config
 from groupgen.checkpoint import save_checkpoint
-from groupgen.config import to_dict
+from groupgen.config import ConfigError, load_config, to_dict
 from groupgen.layout import LayoutError
 from sampling.classes import ClassError, builtin_names, resolve_classes, sample_labels
 from sampling.logits import (GroupPicker, GroupSettings, cfg_scale_at, filter_logits, per_group,
                              sample_from_logits, top_p_mask)
-from sampling.sample import (SamplingConfig, SamplingError, generate_codes, load_models, main, merge_shards,
-                             run_shard, sample)
+from sampling.sample import (SamplingConfig, SamplingError, generate_codes, kv_cache_dtype, load_models, main,
+                             merge_shards, run_shard, sample)
 from tokenizer.model import ModelConfig, Tokenizer
 from tokenizer.quantize import QuantizerConfig
 
@@ -207,6 +207,23 @@ def test_cfg_scale_1_is_unguided_conditional_sampling(models):
     assert torch.equal(codes, torch.stack(ref, 1))
     # A linear ramp towards scale 1 is unguided too.
     assert torch.equal(_codes(models, "subtoken", cfg_scale=1.0, cfg_schedule="linear")[0], codes)
+
+
+def test_kv_cache_setting_sets_the_cache_dtype(models, monkeypatch):
+    """``kv_cache`` picks the cache dtype apart from the compute precision; "auto" follows it."""
+    f32, b16 = torch.float32, torch.bfloat16
+    for prec, kv, want in [("fp32", "auto", f32), ("bf16", "auto", b16), ("fp32", "bf16", b16), ("bf16", "fp32", f32)]:
+        assert kv_cache_dtype(SamplingConfig(precision=prec, kv_cache=kv)) == want
+    with pytest.raises(ConfigError, match=r"kv_cache: expected one of \['auto', 'fp32', 'bf16'\], got 'fp16'"):
+        load_config(SamplingConfig, overrides=["kv_cache=fp16"])
+    seen = []
+    init = GPT.init_cache
+    monkeypatch.setattr(GPT, "init_cache", lambda self, b, d=None, dt=None: (seen.append(dt), init(self, b, d, dt))[1])
+    exact, _, _ = _codes(models, "independent", temperature=0.0, cfg_scale=2.0)
+    half, _, _ = _codes(models, "independent", temperature=0.0, cfg_scale=2.0, kv_cache="bf16")
+    assert seen == [f32, b16]
+    # one rounding of k/v: greedy picks on a random-weight model barely move
+    assert half.shape == exact.shape and (half == exact).float().mean().item() > 0.9
 
 
 def test_sampling_runs_in_eval_mode_and_restores_the_mode(models):
