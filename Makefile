@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-slow compare bench clean-runs
+.PHONY: setup demo test test-slow compare bench llamagen-check clean-runs
 setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:
@@ -29,8 +29,17 @@ test-slow: setup
 compare: setup
 	$(PY) -m eval.compare --config configs/main/compare_fmnist.yaml $(ARGS)
 
-# LlamaGen is never vendored: check it out elsewhere and pass LLAMAGEN=/path/to/LlamaGen
-bench: setup
-	$(PY) bench/ar_vs_llamagen.py --llamagen $(LLAMAGEN) $(ARGS)
-	$(PY) bench/token_store.py $(ARGS)
-	$(PY) bench/tokenizer_speed.py $(ARGS)
+# LlamaGen is never vendored: check it out elsewhere and pass LLAMAGEN=/path/to/LlamaGen.
+# Each script takes its own flags: AR_ARGS (ar_vs_llamagen.py), STORE_ARGS (token_store.py),
+# TOK_ARGS (tokenizer_speed.py), e.g. make bench LLAMAGEN=../LlamaGen AR_ARGS=--quick STORE_ARGS=--quick
+bench: llamagen-check setup
+	$(PY) bench/ar_vs_llamagen.py --llamagen "$(LLAMAGEN)" $(AR_ARGS)
+	$(PY) bench/token_store.py $(STORE_ARGS)
+	$(PY) bench/tokenizer_speed.py $(TOK_ARGS)
+
+# before setup, so a missing LLAMAGEN fails at once
+llamagen-check:
+	@if [ ! -d "$(LLAMAGEN)" ]; then \
+	  echo "make bench: LLAMAGEN='$(LLAMAGEN)' is not a LlamaGen checkout. Clone it outside this repo and pass it:" >&2; \
+	  echo "  git clone https://github.com/FoundationVision/LlamaGen ../LlamaGen && make bench LLAMAGEN=../LlamaGen" >&2; \
+	  exit 2; fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,9 +22,43 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
-    """Full fp32 GPT state dict on rank 0 (ZeRO-3 gathers partitions: every rank must call this)."""
+def fp32_masters(engine, local_only: bool = False, keep: bool = True) -> dict[int, torch.Tensor] | None:
+    """``id(param) -> fp32 master`` for a GPT whose module parameters are low precision (DeepSpeed
+    bf16 casts the module; the optimizer updates fp32 masters and copies them down, so the module's
+    weights are bf16-rounded ones). Empty in fp32 training, where each parameter is its own master.
+
+    ZeRO-0 keeps a master per parameter on every rank (``FP16_UnfusedOptimizer.fp32_groups``);
+    ZeRO-1..3 partition them, so fetching them there is collective (every rank calls), or, with
+    ``local_only``, not done (None). Fetched masters go to the CPU one at a time, and only where
+    ``keep`` (rank 0): a full fp32 copy per GPU would cost 4 bytes per parameter on every rank.
+    """
     gpt = engine.module.gpt
+    if all(p.dtype == torch.float32 for p in gpt.parameters()):
+        return {}
+    opt = engine.optimizer
+    lp_groups, hp_groups = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+    if isinstance(hp_groups, list) and all(isinstance(g, list) for g in hp_groups):   # ZeRO-0
+        return {id(lp): hp for lps, hps in zip(lp_groups, hp_groups) for lp, hp in zip(lps, hps)}
+    if local_only:
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, p in gpt.named_parameters():
+        hp = safe_get_full_fp32_param(p)   # collective: every rank fetches every parameter
+        if hp is None and p.requires_grad and keep:
+            warnings.warn(f"no fp32 master of {name} in {type(opt).__name__}: its {p.dtype} value is exported")
+        elif hp is not None and keep:
+            out[id(p)] = hp.detach().float().cpu()
+    return out
+
+
+def full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
+    """Full fp32 GPT state dict on rank 0: the fp32 masters of bf16 training, not the module's
+    bf16-rounded copies (collective: ZeRO-1..3 fetch partitioned masters, ZeRO-3 gathers
+    parameters, so every rank must call this)."""
+    gpt = engine.module.gpt
+    masters = fp32_masters(engine, keep=rank == 0)
     ctx = None
     if stage == 3:
         import deepspeed
@@ -32,7 +67,8 @@ def full_state(engine, stage: int, rank: int) -> dict[str, torch.Tensor] | None:
     try:
         if rank != 0:
             return None
-        return {k: v.detach().float().cpu().clone() for k, v in gpt.state_dict().items()}
+        return {k: masters.get(id(v), v).detach().float().cpu().clone()
+                for k, v in gpt.state_dict(keep_vars=True).items()}
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -101,6 +137,32 @@ def vet_engine_files(engine_dir: Path) -> None:
         except Exception as e:
             raise ckpt.CheckpointError(f"{f}: refused to load DeepSpeed engine state with the restricted "
                                        f"unpickler ({type(e).__name__}: {str(e)[:300]})") from None
+
+
+def load_resume_state(path: Path) -> dict:
+    """The trainer state (``state.pt``) of a checkpoint to resume from, with the keys resuming needs."""
+    f = Path(path) / "state.pt"
+    if not f.is_file():
+        raise ckpt.CheckpointError(f"{f}: missing; resuming needs the trainer state (step, data position, "
+                                   f"RNG) that the trainer saves beside engine/")
+    st = ckpt.load_state(path)
+    for key in ("step", "data_pos"):
+        if key not in st:
+            raise ckpt.CheckpointError(f"{f}: no {key!r} (has {sorted(st)}); not a trainer state to resume from")
+    return st
+
+
+def load_ema(ema: EMA, path: Path) -> None:
+    """Restore the EMA from a checkpoint's ``ema.safetensors``, naming the file and key on a mismatch."""
+    sd = ckpt.load_tensors(path, "ema")
+    f = Path(path) / "ema.safetensors"
+    for k, v in ema.shadow.items():
+        if k not in sd:
+            raise ckpt.CheckpointError(f"{f}: no tensor {k!r}; the EMA of every parameter is needed to resume "
+                                       f"(has {len(sd)} tensors, e.g. {sorted(sd)[:3]})")
+        if sd[k].shape != v.shape:
+            raise ckpt.CheckpointError(f"{f}: {k} has shape {list(sd[k].shape)}, the model's is {list(v.shape)}")
+    ema.load_state_dict({k: sd[k] for k in ema.shadow})
 
 
 def find_resume(tc, root: Path) -> Path | None:

@@ -7,9 +7,11 @@
 From Python (one process, no launcher; callable repeatedly): ``train(cfg, tokens_dir, out_dir)``.
 
 Checkpoint directory (``RUN/checkpoints/step_XXXXXXXX``, written through ``groupgen.checkpoint``):
-  model.safetensors / ema.safetensors  full fp32 weights for inference (``load_ar``)
+  model.safetensors / ema.safetensors  full fp32 weights for inference (``load_ar``; under bf16 the
+                                       optimizer's fp32 masters, not the module's bf16 copies)
   meta.json                            ``ar_meta``: layout, classes, tokenizer + hash, train config
-  state.pt                             step, data position, per-rank RNG (``weights_only`` load)
+  state.pt                             step, data position, loss-log window, per-rank RNG
+                                       (``weights_only`` load)
   engine/                              DeepSpeed ``save_checkpoint`` (module, optimizer, scheduler;
                                        ZeRO partitions per rank) - what exact resume reloads
 The ``engine/`` part needs the same ZeRO stage and data-parallel size to resume, and a filesystem
@@ -28,6 +30,7 @@ import socket
 import sys
 import threading
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -38,7 +41,8 @@ if __package__ in (None, ""):  # run as a file (e.g. the deepspeed launcher with
 import numpy as np
 import torch
 
-from ar_model.checkpointing import check_resume_meta, find_resume, save_training_checkpoint, vet_engine_files
+from ar_model.checkpointing import (check_resume_meta, find_resume, fp32_masters, load_ema, load_resume_state,
+                                    save_training_checkpoint, vet_engine_files)
 from ar_model.data import TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
@@ -275,8 +279,10 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     if tc.ema and stage == 3:
         raise ConfigError("train.ema is not supported with ZeRO-3 (parameters are partitioned)")
+    st: dict = {}
     if resume_from is not None:   # fail fast, before any engine is built
         check_resume_meta(ckpt.load_meta(resume_from), resume_from, store, gpt_cfg, world, stage)
+        st = load_resume_state(resume_from)
 
     seed_everything(tc.seed)                     # identical init on every rank
     gpt = GPT(gpt_cfg, layout, store.num_classes)
@@ -298,16 +304,17 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                                          load_lr_scheduler_states=True)
         if path is None:
             raise ckpt.CheckpointError(f"{resume_from}/engine: DeepSpeed could not load the engine state")
-        st = ckpt.load_state(resume_from)
         step, pos = int(st["step"]), int(st["data_pos"])
         if len(st.get("rng", [])) == world:
             ckpt.set_rng_state(st["rng"][rank])
+        elif rank == 0:   # ZeRO-0 reloads at another world size; its per-rank RNG streams do not
+            warnings.warn(f"{resume_from}/state.pt: RNG state of {len(st.get('rng', []))} ranks, now {world}; "
+                          f"not restored, so this resume will not reproduce an uninterrupted run exactly")
     ema = None
     if tc.ema and rank == 0:
-        ema = EMA(dict(gpt.named_parameters()), tc.ema)
+        ema = EMA(_ema_source(engine), tc.ema)
         if resume_from is not None:
-            sd = ckpt.load_tensors(resume_from, "ema")
-            ema.load_state_dict({k: sd[k] for k in ema.shadow})
+            load_ema(ema, resume_from)
 
     batches = TokenBatches(store, train_idx, tc.batch_size, tc.seed, rank, world)
     metrics = MetricsLog(run / "metrics.jsonl", enabled=rank == 0)
@@ -324,8 +331,9 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     G = layout.G
 
     def save(at: int) -> Path:
-        return save_training_checkpoint(engine, root, at, meta, {"step": at, "data_pos": pos, "world_size": world},
-                                        stage, rank, tc.keep_last, ema)
+        # the loss window too: a resume then logs the same means as an uninterrupted run
+        state = {"step": at, "data_pos": pos, "world_size": world, "log_window": win.clone(), "log_window_n": win_n}
+        return save_training_checkpoint(engine, root, at, meta, state, stage, rank, tc.keep_last, ema)
 
     def run_eval(at: int) -> dict:
         if len(val_idx) == 0:
@@ -338,8 +346,8 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     stop = _Stop()
     stop.install()
     last, last_val, last_ckpt = {}, {}, (resume_from if resume_from else None)
-    win = torch.zeros(1 + G, dtype=torch.float64)
-    win_n, timer, tok_time, tok_count = 0, Timer(), 0.0, 0
+    win, win_n = _log_window(st, G, resume_from)
+    timer, tok_time, tok_count = Timer(), 0.0, 0
     bar = progress(total=tc.steps, initial=step, desc=f"ar {cfg.model.preset}")
     if rank == 0:
         print(f"[ar-train] {n_params / 1e6:.2f}M params, layout {layout.describe()}, {len(train_idx)} train / "
@@ -361,7 +369,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                 engine.step()
                 acc += torch.cat([loss.detach().reshape(1), per.detach()]).double()
             if ema is not None:
-                ema.update(dict(gpt.named_parameters()))
+                ema.update(_ema_source(engine))
             step += 1
             # One small all-reduce per step: the rank-mean loss (logging, NaN check) and the stop flag.
             red = torch.cat([acc / tc.grad_accum, torch.tensor([float(stop.signum > 0)], dtype=torch.float64,
@@ -427,6 +435,27 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if stop.signum == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)
     return out
+
+
+def _ema_source(engine) -> dict[str, torch.Tensor]:
+    """What the EMA averages: each parameter's fp32 master under bf16 ZeRO-0 (the module holds
+    bf16-rounded copies), else the parameter. ZeRO-1/2 partition the masters, and fetching them
+    every step would be a collective: there the EMA averages the module's bf16 weights."""
+    params = dict(engine.module.gpt.named_parameters())
+    masters = fp32_masters(engine, local_only=True) or {}
+    return {k: masters.get(id(p), p) for k, p in params.items()}
+
+
+def _log_window(st: dict, G: int, where) -> tuple[torch.Tensor, int]:
+    """The losses summed since the last log line, from a resumed trainer state (empty when the
+    checkpoint predates saving it)."""
+    if "log_window" not in st:
+        return torch.zeros(1 + G, dtype=torch.float64), 0
+    win = st["log_window"]
+    if not isinstance(win, torch.Tensor) or tuple(win.shape) != (1 + G,):
+        got = tuple(win.shape) if isinstance(win, torch.Tensor) else type(win).__name__
+        raise ckpt.CheckpointError(f"{where}/state.pt: 'log_window' is {got}, expected a tensor of shape ({1 + G},)")
+    return win.to(torch.float64).clone(), int(st.get("log_window_n", 0))
 
 
 def _release(engine) -> None:

@@ -236,7 +236,7 @@ class Comparison:
         e_cfg = self.e_cfg
 
         def run(d):
-            real, labels = dataset_images(ref.partition(":")[0], "train", hw, n)
+            real, labels = dataset_images(ref.partition(":")[0], "train", hw, n, e_cfg.ref_resize)
             return evaluate_samples(real, labels, ref, e_cfg, log=_log)
 
         return self.stage(5, "eval", {"real_train": ref, "n": n, "hw": list(hw),

@@ -223,6 +223,9 @@ def load_samples_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if x.dtype != np.uint8:
         raise EvalError(f"{p}: arr_0 must be uint8 in [0,255], got dtype {x.dtype}")
     if x.ndim == 3:
+        if x.shape[-1] <= 4:   # one [H,W,C] image, not a batch of grey images only <= 4 px wide
+            raise EvalError(f"{p}: arr_0 of shape {list(x.shape)} looks like one [H,W,C] image; expected "
+                            f"a batch [N,H,W,3] (or grey [N,H,W]), e.g. arr[None] for a single image")
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise EvalError(f"{p}: arr_0 must be [N,H,W,3] (NHWC), got shape {list(x.shape)}")
@@ -266,7 +269,9 @@ def _center_resize(im, hw: tuple[int, int]):
     return im.crop((left, top, left + w, top + h))
 
 
-def _subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+def seeded_subset(n_total: int, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random ``n`` of ``n_total`` (all when n is 0 or >= n_total). A
+    prefix would be biased whenever a file is ordered (e.g. samples written class after class)."""
     if n <= 0 or n >= n_total:
         return np.arange(n_total)
     return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
@@ -278,8 +283,8 @@ def load_image_folder(root: str | Path, hw: tuple[int, int], n: int = 0) -> np.n
     files = sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in IMG_EXTS)
     if not files:
         raise EvalError(f"reference folder {str(root)!r} holds no images ({sorted(IMG_EXTS)})")
-    out = np.empty((len(_subset(len(files), n)), hw[0], hw[1], 3), np.uint8)
-    for i, j in enumerate(_subset(len(files), n)):
+    out = np.empty((len(seeded_subset(len(files), n)), hw[0], hw[1], 3), np.uint8)
+    for i, j in enumerate(seeded_subset(len(files), n)):
         try:
             with Image.open(files[j]) as im:
                 im = im.convert("RGB")
@@ -299,7 +304,7 @@ def dataset_images(name: str, split: str, hw: tuple[int, int], n: int = 0,
     if hw[0] != hw[1]:
         raise EvalError(f"dataset reference {name!r} needs square samples, got {hw}")
     ds = build_dataset(DataConfig(name=name, image_size=hw[0], channels=1, resize=resize), split)
-    idx = _subset(len(ds), n)
+    idx = seeded_subset(len(ds), n)
     x, y = ds.batch(idx)
     return to_uint8_nhwc(x), y.numpy()
 
@@ -360,7 +365,7 @@ def reference_stats(ref: str, extractor: Extractor, hw: tuple[int, int], n: int 
                 mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
             if "arr_0" in z.files:
                 images = load_samples_npz(what)[0]
-                images = images[_subset(len(images), n)]
+                images = images[seeded_subset(len(images), n)]
         if mu is None and images is None:
             raise EvalError(f"reference {what}: needs 'mu'/'sigma' of dimension {extractor.feature_dim} "
                             f"(for {extractor.name}) or 'arr_0' images")
@@ -379,7 +384,7 @@ def reference_stats(ref: str, extractor: Extractor, hw: tuple[int, int], n: int 
         if mu is None:
             s = fid_stats(feats)
             mu, sigma = s["mu"], s["sigma"]
-        pr_feats = feats[torch.from_numpy(_subset(len(feats), pr_max, seed=1))]
+        pr_feats = feats[torch.from_numpy(seeded_subset(len(feats), pr_max, seed=1))]
     cfile.parent.mkdir(parents=True, exist_ok=True)
     tmp = cfile.with_name(f".{cfile.stem}.{os.getpid()}.npz")
     np.savez(tmp, mu=mu, sigma=sigma, n=np.int64(count),

@@ -17,12 +17,16 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from groupgen.config import ConfigError, load_config, to_dict
 
 from .domain import DomainConfig, class_conditional_accuracy
 from .fidelity import (EvalError, build_extractor, emit_json, extract, fid_from_stats, fid_stats, inception_score,
-                       load_samples_npz, precision_recall, reference_stats, resolve_device)
+                       load_samples_npz, parse_ref, precision_recall, reference_stats, resolve_device,
+                       seeded_subset)
+
+SAMPLES_SEED = 0   # subsets of the generated side (num_samples, pr_max); fixed, so runs compare
 
 
 @dataclass
@@ -30,7 +34,7 @@ class GenEvalConfig:
     extractor: str = "inception"    # inception (paper-comparable) | domain (small-dataset yardstick)
     inception_weights: str = ""     # path; else $GROUPGEN_INCEPTION_WEIGHTS; else torch hub cache
     domain: DomainConfig = field(default_factory=DomainConfig)
-    num_samples: int = 0            # evaluate the first N samples (0 = all)
+    num_samples: int = 0            # evaluate a seeded random N of the samples (0 = all)
     ref_split: str = "test"         # for dataset references
     ref_n: int = 0                  # reference images used (0 = all; seeded subset otherwise)
     ref_resize: str = "pad"         # dataset references: how 28x28 becomes the samples' size
@@ -38,7 +42,7 @@ class GenEvalConfig:
     isc_splits: int = 10
     pr: bool = True                 # precision/recall (needs reference images, not only mu/sigma)
     pr_k: int = 3
-    pr_max: int = 10000             # features per side for precision/recall (cdist is N x N)
+    pr_max: int = 10000             # features per side for precision/recall (cdist is N x N; seeded subset)
     device: str = "auto"
     cache: str = ""                 # cache dir override
 
@@ -47,13 +51,30 @@ class GenEvalConfig:
             raise EvalError(f"extractor must be 'inception' or 'domain', got {self.extractor!r}")
 
 
+def check_domain_ref(ref: str, cfg: GenEvalConfig) -> None:
+    """A dataset reference scored with the domain classifier of another dataset is meaningless.
+
+    An error rather than quietly switching ``domain.dataset`` to the reference: the classifier is
+    part of every domain number, so which one scored a run must be what the config says."""
+    if cfg.extractor != "domain":
+        return
+    kind, name, _ = parse_ref(ref, cfg.ref_split)
+    if kind == "dataset" and name != cfg.domain.dataset:
+        raise EvalError(f"reference {ref!r} is the {name!r} dataset but extractor=domain uses the classifier "
+                        f"trained on {cfg.domain.dataset!r} (domain.dataset); pass domain.dataset={name}")
+
+
 def evaluate_samples(images: np.ndarray, labels: np.ndarray | None, ref: str, cfg: GenEvalConfig,
                      log=None) -> dict:
     """All generation metrics for uint8 NHWC ``images`` against ``ref``; a JSON-ready dict."""
     t0 = time.perf_counter()
+    check_domain_ref(ref, cfg)
+    # Subsets of the samples are seeded random, never a prefix: balanced sampling writes the classes
+    # one after another, so the first N would cover only the first classes.
     if cfg.num_samples:
-        images = images[: cfg.num_samples]
-        labels = labels[: cfg.num_samples] if labels is not None else None
+        idx = seeded_subset(len(images), cfg.num_samples, seed=SAMPLES_SEED)
+        images = images[idx]
+        labels = labels[idx] if labels is not None else None
     ext = build_extractor(cfg.extractor, resolve_device(cfg.device), cfg.inception_weights, cfg.domain, cfg.cache)
     hw = tuple(images.shape[1:3])
     ref_st = reference_stats(ref, ext, hw, cfg.ref_n, cfg.ref_split, cfg.pr_max, cfg.batch_size, cfg.cache,
@@ -63,7 +84,7 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray | None, ref: str, cf
     out = {"extractor": ext.name, "num_samples": len(images), "ref": ref, "ref_n": ref_st["n"],
            "fid": fid_from_stats(fid_stats(feats), ref_st), "is": is_mean, "is_std": is_std}
     if cfg.pr and ref_st["pr_features"] is not None:
-        sel = feats[: cfg.pr_max]
+        sel = feats[torch.from_numpy(seeded_subset(len(feats), cfg.pr_max, seed=SAMPLES_SEED + 1))]
         out.update(precision_recall(sel, ref_st["pr_features"], cfg.pr_k))
     elif cfg.pr and log:
         log("precision/recall skipped: the reference has statistics only (no arr_0 images)")

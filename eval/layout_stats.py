@@ -4,7 +4,8 @@
 
 * per-position entropy H(code[l, g]) in bits over images (plug-in estimate: biased low when N is not
   much larger than K), summarised per group, and per-group entropy of the code marginal over positions;
-* codebook usage / perplexity per group;
+* codebook usage / perplexity per group (means over positions for per-position codebooks, whose
+  pooled figures are reported as ``marginal_usage`` / ``marginal_perplexity``);
 * compressibility: every (group, code) pair becomes one private-use unicode character, each image one
   "sentence" of L*G characters (raster order, group inner); a SentencePiece model (BPE or unigram,
   vocabulary = symbols seen + ``spm_extra_vocab``) is trained on ``spm_train_images`` images and
@@ -71,7 +72,13 @@ def position_entropy(codes: np.ndarray, K: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def group_stats(codes: np.ndarray, K: tuple[int, ...]) -> dict[str, list[float]]:
+def group_stats(codes: np.ndarray, K: tuple[int, ...], per_position: bool = False) -> dict:
+    """Per group: entropy of the code marginal over positions, codebook usage and perplexity.
+
+    With a shared codebook, usage / perplexity are those of the pooled histogram. With one codebook
+    per position (QG-VAE) code i at two positions are different vectors, so ``usage`` /
+    ``perplexity`` are means over positions of each position's own codebook (a model emitting one
+    code per position uses 1/K of each), and the pooled figures stay only as ``marginal_*``."""
     ent, usage, ppl = [], [], []
     for g, k in enumerate(K):
         hist = np.bincount(codes[..., g].ravel(), minlength=k)
@@ -79,7 +86,18 @@ def group_stats(codes: np.ndarray, K: tuple[int, ...]) -> dict[str, list[float]]
         ent.append(h)
         usage.append(float((hist > 0).mean()))
         ppl.append(2 ** h)
-    return {"group_entropy_bits": ent, "usage": usage, "perplexity": ppl, "max_bits": [math.log2(k) for k in K]}
+    out = {"group_entropy_bits": ent, "max_bits": [math.log2(k) for k in K],
+           "codebooks": "per_position" if per_position else "shared"}
+    if not per_position:
+        return {**out, "usage": usage, "perplexity": ppl}
+    L = codes.shape[1]
+    pos_usage, pos_ppl = [], []
+    for g, k in enumerate(K):
+        flat = (np.arange(L)[None, :] * k + codes[:, :, g]).ravel()
+        hist = np.bincount(flat, minlength=L * k).reshape(L, k)
+        pos_usage.append(float((hist > 0).mean(1).mean()))
+        pos_ppl.append(float(np.mean(2 ** entropy_bits(hist))))
+    return {**out, "usage": pos_usage, "perplexity": pos_ppl, "marginal_usage": usage, "marginal_perplexity": ppl}
 
 
 def codes_to_text(codes: np.ndarray, K: tuple[int, ...]) -> list[str]:
@@ -135,7 +153,7 @@ def layout_stats(store: TokenStore, cfg: LayoutStatsConfig) -> dict:
            "position_entropy_bits_mean": pe.mean(0).tolist(), "position_entropy_bits_min": pe.min(0).tolist(),
            "position_entropy_bits_max": pe.max(0).tolist(),
            "sum_position_entropy_bits": float(pe.sum()), "layout_bits_per_image": lay.bits_per_image,
-           **group_stats(codes, lay.K)}
+           **group_stats(codes, lay.K, lay.per_position_codebook)}
     if cfg.full:
         out["position_entropy_bits"] = pe.round(4).tolist()
     if cfg.spm:

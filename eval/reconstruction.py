@@ -2,15 +2,17 @@
 
     python -m eval.reconstruction --tokenizer CKPT [--out J.json] [--config Y] [key=value ...]
 
-Functions take images in [-1, 1], ``[B,C,H,W]``, and are reused by ``tokenizer/evaluate`` and the
-end-to-end job; ``ReconMeter`` accumulates them over batches. PSNR is reported two ways: from the
-dataset-mean MSE (MGVQ's convention, ``psnr``) and as the mean of per-image PSNRs (``psnr_per_image``,
-higher because good images dominate the log). rFID uses the same extractors as gFID (``domain`` on
+Functions take images in [-1, 1], ``[B,C,H,W]`` (``rfid`` is reused by ``tokenizer/evaluate``);
+``ReconMeter`` accumulates them over batches. The CLI evaluates on the tokenizer's own training data
+(its checkpoint's ``config.data``; ``data={...}`` overrides keys of it). PSNR is reported two ways:
+from the dataset-mean MSE (MGVQ's convention, ``psnr``) and as the mean of per-image PSNRs
+(``psnr_per_image``, higher because good images dominate the log). rFID uses the same extractors as gFID (``domain`` on
 Fashion-MNIST is not comparable to published rFID).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from groupgen.config import ConfigError, load_config, to_dict
+from groupgen.config import ConfigError, from_dict, load_config, to_dict
 from groupgen.data import DataConfig
 
 from .domain import DomainConfig
@@ -57,24 +59,27 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return g / g.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, win: int = 11,
-         sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM [B] (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 .01, K2 .03, valid
-    filtering, mean over channels). Windows shrink (odd) for images smaller than 11 px."""
+def ssim(x: torch.Tensor, y: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM [B] of images in [-1, 1] (Wang et al. 2004: Gaussian 11x11, sigma 1.5, K1 .01,
+    K2 .03, valid filtering, mean over channels), computed on [0, 1] with data range 1.
+
+    The shift to [0, 1] matters: SSIM's luminance term (2 mx my + c1) / (mx^2 + my^2 + c1) is not
+    shift-invariant, and on [-1, 1] it turns negative where the local means straddle 0. The window
+    shrinks to the image for images smaller than 11 px. Same numbers as ``tokenizer.evaluate.ssim``.
+    """
     _check_pair(x, y)
     win = min(win, x.shape[-1], x.shape[-2])
-    win -= 1 - win % 2
     c = x.shape[1]
     g = _gaussian_window(win, sigma).to(x.device)
     k = (g[:, None] * g[None, :]).expand(c, 1, win, win).contiguous()
-    x, y = x.double(), y.double()
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2
 
     def blur(t):
         return F.conv2d(t, k, groups=c)
 
     mx, my = blur(x), blur(y)
     sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    c1, c2 = 0.01 ** 2, 0.03 ** 2   # (K * data_range)^2 with data_range 1
     s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
     return s.flatten(1).mean(1)
 
@@ -95,23 +100,35 @@ def load_lpips(vgg_path: str = "", log=None):
         return None
 
 
-def codebook_usage(codes: torch.Tensor | np.ndarray, K: tuple[int, ...] | list[int]) -> dict[str, list[float]]:
-    """Per group g over all positions: usage (share of the K[g] codes seen), perplexity (exp entropy
-    of the code histogram, max K[g]) and entropy in bits. ``codes`` [..., G]."""
+def codebook_usage(codes: torch.Tensor | np.ndarray, K: tuple[int, ...] | list[int],
+                   per_position: bool = False) -> dict[str, list[float]]:
+    """Per group g: usage (share of the K[g] codes seen), perplexity (exp entropy of the code
+    histogram, max K[g]) and entropy in bits. ``codes`` [..., G], or [N, L, G] with ``per_position``.
+
+    A shared codebook is counted over all positions. With ``per_position`` (QG-VAE: one codebook per
+    position) code i at two positions are different vectors, so pooling would count a collapsed model
+    that emits one code per position as full usage: each position's codebook is counted on its own
+    and the numbers are means over positions (as ``tokenizer.evaluate.code_usage``).
+    """
     c = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes).long()
     if c.shape[-1] != len(K):
         raise EvalError(f"codes have {c.shape[-1]} groups, layout K has {len(K)}")
-    c = c.reshape(-1, len(K))
+    if per_position and c.dim() != 3:
+        raise EvalError(f"per-position codebook usage needs codes [N, L, G], got shape {list(c.shape)}")
+    c = c if per_position else c.reshape(-1, 1, len(K))   # [N, slots, G]: slots = positions or one pool
+    slots = c.shape[1]
     out = {"usage": [], "perplexity": [], "entropy_bits": []}
     for g, k in enumerate(K):
-        hist = torch.bincount(c[:, g], minlength=k).double()
-        if hist.numel() > k:
-            raise EvalError(f"group {g}: code {int(c[:, g].max())} >= K={k}")
-        p = hist / hist.sum().clamp_min(1)
-        h = float(-(p[p > 0] * p[p > 0].log()).sum())
-        out["usage"].append(float((hist > 0).double().mean()))
-        out["perplexity"].append(math.exp(h))
-        out["entropy_bits"].append(h / math.log(2))
+        cg = c[:, :, g]
+        if cg.numel() and (cg.min() < 0 or cg.max() >= k):
+            raise EvalError(f"group {g}: codes must lie in [0, K={k}), got [{int(cg.min())}, {int(cg.max())}]")
+        flat = (cg + torch.arange(slots)[None, :] * k).flatten()
+        hist = torch.bincount(flat, minlength=slots * k).double().view(slots, k)
+        p = hist / hist.sum(1, keepdim=True).clamp_min(1)
+        h = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(1)   # nats, per slot
+        out["usage"].append(float((hist > 0).double().mean(1).mean()))
+        out["perplexity"].append(float(h.exp().mean()))
+        out["entropy_bits"].append(float(h.mean() / math.log(2)))
     return out
 
 
@@ -133,7 +150,7 @@ class ReconMeter:
     def update(self, x: torch.Tensor, xrec: torch.Tensor) -> None:
         xrec = xrec.clamp(-1, 1)
         self.mse.append(per_image_mse(x, xrec).cpu())
-        self.ssim.append(ssim(x, xrec, self.data_range).cpu())
+        self.ssim.append(ssim(x, xrec).cpu())
         if self.lpips_model is not None:
             self.lp.append(self.lpips_model(x.float(), xrec.float()).double().cpu())
 
@@ -149,7 +166,9 @@ class ReconMeter:
 
 @dataclass
 class ReconEvalConfig:
-    data: DataConfig = field(default_factory=DataConfig)   # image_size/channels follow the tokenizer
+    # Overrides of the tokenizer's own training-data config (read from its checkpoint), e.g.
+    # data={root: /other/imagenet}; image_size/channels always follow the tokenizer's layout.
+    data: dict = field(default_factory=dict)
     split: str = "test"
     n: int = 2000                   # images evaluated (first n of the split; 0 = all)
     batch_size: int = 100
@@ -161,15 +180,61 @@ class ReconEvalConfig:
     device: str = "auto"
     cache: str = ""
 
+    def validate(self):
+        valid = [f.name for f in dataclasses.fields(DataConfig)]
+        bad = [k for k in self.data if k not in valid]
+        if bad:
+            raise ConfigError(f"data: unknown keys {bad} (overrides of the tokenizer's training data "
+                              f"config); valid keys: {valid}")
+        if self.extractor not in ("domain", "inception", "none"):
+            raise ConfigError(f"extractor must be domain, inception or none, got {self.extractor!r}")
 
-def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None) -> dict:
+
+def eval_data_config(tok, cfg: ReconEvalConfig, train_data: dict | None = None) -> DataConfig:
+    """The data ``tok`` was trained on (its checkpoint's ``config.data``, or ``train_data``), with
+    ``cfg.data`` on top, the layout's image size / channels, and ``limit = cfg.n``.
+
+    Starting from the checkpoint rather than a default keeps a tokenizer trained on one dataset from
+    being scored silently on another."""
+    if train_data is None:
+        ck = getattr(tok, "checkpoint_path", None)
+        if ck is None:
+            raise EvalError("the tokenizer has no checkpoint_path, so its training data is unknown: "
+                            "load it with tokenizer.model.load_tokenizer or pass train_data=")
+        from groupgen.checkpoint import load_meta
+
+        train_data = (load_meta(ck).get("config") or {}).get("data")
+        if not isinstance(train_data, dict):
+            raise EvalError(f"{ck}/meta.json: no config.data (the tokenizer's training data config)")
+    lay = tok.layout
+    merged = {**train_data, **cfg.data, "limit": cfg.n}
+    merged["image_size"] = lay.image_size or merged.get("image_size", DataConfig.image_size)
+    merged["channels"] = lay.channels or merged.get("channels", DataConfig.channels)
+    try:
+        return from_dict(DataConfig, merged)
+    except ConfigError as e:
+        raise EvalError(f"tokenizer data config: {e}") from None
+
+
+def check_domain_data(data: DataConfig, domain: DomainConfig) -> None:
+    """The domain classifier only means something on the dataset it was trained on."""
+    if data.name != domain.dataset:
+        raise EvalError(f"extractor=domain: the domain classifier is trained on {domain.dataset!r} "
+                        f"(domain.dataset) but the tokenizer is evaluated on {data.name!r} (data.name); "
+                        f"set domain.dataset={data.name} (fmnist | digits) or use extractor=inception / none")
+
+
+def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None, train_data: dict | None = None) -> dict:
+    """Reconstruction metrics of ``tok`` on ``cfg.split`` of its own training data (see
+    ``eval_data_config``); a JSON-ready dict."""
     from groupgen.data import build_dataset, loader_batches
 
     t0 = time.perf_counter()
     dev = resolve_device(cfg.device)
     lay = tok.layout
-    data = DataConfig(**{**to_dict(cfg.data), "image_size": lay.image_size or cfg.data.image_size,
-                         "channels": lay.channels or cfg.data.channels, "limit": cfg.n})
+    data = eval_data_config(tok, cfg, train_data)
+    if cfg.extractor == "domain":   # before the encode loop, not after it
+        check_domain_data(data, cfg.domain)
     ds = build_dataset(data, cfg.split)
     meter = ReconMeter(load_lpips(cfg.lpips_vgg_path, log) if cfg.lpips else None)
     reals, recs, codes = [], [], []
@@ -183,7 +248,8 @@ def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None) -> dict:
             if cfg.extractor != "none":
                 reals.append(x.cpu())
                 recs.append(xr.cpu())
-    out = {**meter.result(), **codebook_usage(torch.cat(codes), lay.K), "layout": lay.describe()}
+    usage = codebook_usage(torch.cat(codes), lay.K, lay.per_position_codebook)
+    out = {**meter.result(), **usage, "layout": lay.describe(), "data": to_dict(data), "split": cfg.split}
     if cfg.extractor != "none":
         ext = build_extractor(cfg.extractor, dev, cfg.inception_weights, cfg.domain, cfg.cache)
         out["rfid"] = rfid(torch.cat(reals), torch.cat(recs), ext, cfg.batch_size)

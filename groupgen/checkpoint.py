@@ -63,6 +63,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_copyfile(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file and a rename: ``dst`` is old or new, never torn."""
+    dst = Path(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        _fsync_file(Path(tmp))
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage and non-contiguous tensors: store independent copies.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
@@ -103,6 +119,10 @@ def save_checkpoint(root: str | Path, step: int, tensors: dict[str, dict[str, to
                     state: dict | None = None, keep_last: int = 3) -> Path:
     """Save ``step_<step>`` under ``root``, point ``latest`` at it, prune to ``keep_last``."""
     root = Path(root)
+    # half-written directories of a process killed mid-save (a clean failure removes its own): one
+    # writer per root, so any present now are dead
+    for stale in root.glob(".tmp-step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     path = write_checkpoint_dir(root / f"step_{step:08d}", tensors, dict(meta, step=step), state)
     atomic_write_text(root / "latest", path.name + "\n")
     if keep_last > 0:
@@ -193,6 +213,9 @@ def rng_state() -> dict[str, Any]:
         "python_gauss": random.getstate()[2],
         "numpy_keys": torch.from_numpy(np_state[1].astype("int64")),
         "numpy_pos": int(np_state[2]),
+        # the Box-Muller spare: standard_normal() draws pairs and returns the cached one next
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
     }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
@@ -206,6 +229,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
     torch.set_rng_state(st["torch"])
     random.setstate((st["python_version"], tuple(st["python"]), st["python_gauss"]))
-    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype("uint32"), st["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", st["numpy_keys"].numpy().astype("uint32"), st["numpy_pos"],
+                         st.get("numpy_has_gauss", 0), st.get("numpy_gauss", 0.0)))  # .get: older checkpoints
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])

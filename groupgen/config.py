@@ -72,6 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if value is None:  # a section left empty in the YAML file (all keys commented out): defaults
+            value = {}
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
         return _from_dict(tp, value, where)
@@ -131,23 +133,29 @@ def _from_dict(cls: type[T], data: dict, where: str = "") -> T:
     return obj
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any, cls: type) -> None:
+def _set_dotted(tree: dict, dotted: str, raw: str, cls: type) -> None:
+    """Store the override text ``raw`` at ``dotted`` in ``tree``: as written for ``str`` fields (YAML
+    would turn ``0123`` into 83 and ``1_000`` into 1000), else parsed as YAML."""
     parts = dotted.split(".")
     node, node_cls = tree, cls
     for i, p in enumerate(parts):
+        path = ".".join(parts[: i + 1])
         names = [f.name for f in dataclasses.fields(node_cls)]
         if p not in names:
-            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}; {_hint(p, names)}")
-        if i == len(parts) - 1:
-            node[p] = value
-            return
+            raise ConfigError(f"unknown config key {path!r}; {_hint(p, names)}")
         tp = typing.get_type_hints(node_cls)[p]
+        if i == len(parts) - 1:
+            quoted = raw.strip()[:1] in ("'", '"')  # name="a b" still drops its quotes
+            node[p] = raw if tp is str and not quoted else _yaml_value(raw)
+            return
         if not dataclasses.is_dataclass(tp):
-            raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section")
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):  # section was given as a dataclass instance
-            node = dataclasses.asdict(node)
-        node_cls = tp
+            raise ConfigError(f"config key {path!r} is not a section")
+        child = node.get(p)
+        if child is None:  # a section left empty in the YAML file loads as None
+            child = node[p] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"config section {path!r}: expected a mapping, got {type(child).__name__} {child!r}")
+        node, node_cls = child, tp
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -180,9 +188,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {str(p)!r}: top level must be a mapping, got {type(tree).__name__}")
-    for key, raw in parse_overrides(overrides or []):
-        _set_dotted(tree, key, _yaml_value(raw), cls)
     try:
+        for key, raw in parse_overrides(overrides or []):
+            _set_dotted(tree, key, raw, cls)
         return _from_dict(cls, tree)
     except ConfigError as e:
         if path is not None:

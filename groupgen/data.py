@@ -34,7 +34,8 @@ class DataConfig:
     image_size: int = 32
     channels: int = 1               # 1 = grey, 3 = RGB (grey replicated)
     resize: str = "pad"             # fmnist/digits: "pad" (28->32 zero border) or "resize" (bilinear)
-    limit: int = 0                  # use only the first N images (0 = all); for quick runs
+    limit: int = 0                  # use only N images (0 = all): fmnist/digits the first N,
+                                    # imagefolder N spread over the classes
     skip_corrupt: bool = False      # imagefolder: skip unreadable files (counted) instead of failing
     crop_min: float = 0.8           # imagefolder training: random crop scale range [crop_min, 1]
     hflip: bool = True              # imagefolder training: random horizontal flip
@@ -98,11 +99,11 @@ def _to_tensor_images(u8: np.ndarray, cfg: DataConfig) -> torch.Tensor:
 class TensorImageDataset(Dataset):
     """A whole small dataset held as one tensor (Fashion-MNIST at 32x32 grey is 245 MB fp32)."""
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, class_names: list[str], hflip: bool = False):
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, class_names: list[str]):
         if len(images) == 0:
             raise DataError("dataset is empty")
         self.images, self.labels = images, torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.class_names, self.hflip = list(class_names), hflip
+        self.class_names = list(class_names)
 
     @property
     def num_classes(self) -> int:
@@ -112,10 +113,7 @@ class TensorImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        x = self.images[i]
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[i])
+        return self.images[i], int(self.labels[i])
 
     def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectorised gather for trainers: no per-item Python loop."""
@@ -149,6 +147,33 @@ def build_dataset(cfg: DataConfig, split: str = "train", train: bool = False) ->
     return ImageFolderDataset(cfg, split, train)
 
 
+SPLIT_DIRS = ("train", "val", "test")
+
+
+def _split_root(base: Path, split: str) -> Path:
+    """``base/<split>``; the "test" split reads ``val`` where there is no ``test`` (ImageNet's labelled
+    held-out split); ``base`` itself when it has no split folders (one folder for every split)."""
+    present = [s for s in SPLIT_DIRS if (base / s).is_dir()]
+    if not present:
+        return base
+    for s in (split, "val") if split == "test" else (split,):
+        if s in present:
+            return base / s
+    raise DataError(f"imagefolder {base}: no {split!r} split folder; it has split folders {present}")
+
+
+def _spread_over_classes(files: list[tuple[Path, int]], n: int, seed: int = 0) -> list[tuple[Path, int]]:
+    """``n`` files taking the classes in turn (a seeded random file of each), in the original order: a
+    class-sorted list cut at ``n`` would hold the first classes only."""
+    seen: dict[int, int] = {}
+    keyed = []
+    for i in np.random.default_rng(seed).permutation(len(files)):
+        c = files[i][1]
+        seen[c] = seen.get(c, 0) + 1
+        keyed.append((seen[c], c, int(i)))
+    return [files[i] for i in sorted(i for *_, i in sorted(keyed)[:n])]
+
+
 class ImageFolderDataset(Dataset):
     """``root/<split>/<class>/*.jpg`` (or ``root/<class>/*.jpg``). Training: random-resized crop
     (scale crop_min..1) + flip; evaluation: ADM-style centre crop (resize shorter side, then crop)."""
@@ -157,7 +182,7 @@ class ImageFolderDataset(Dataset):
         base = Path(cfg.root)
         if not base.is_dir():
             raise DataError(f"imagefolder root {str(base)!r} is not a directory (set data.root=...)")
-        root = base / split if (base / split).is_dir() else base
+        root = _split_root(base, split)
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"imagefolder {root}: no class sub-folders found")
@@ -166,8 +191,8 @@ class ImageFolderDataset(Dataset):
             for f in sorted((root / c).rglob("*")):
                 if f.suffix.lower() in IMG_EXTS:
                     self.files.append((f, ci))
-        if cfg.limit:
-            self.files = self.files[: cfg.limit]
+        if cfg.limit and cfg.limit > 0:
+            self.files = _spread_over_classes(self.files, cfg.limit)
         if not self.files:
             raise DataError(f"imagefolder {root}: no images with extensions {sorted(IMG_EXTS)}")
         self.cfg, self.train, self.class_names = cfg, train, classes

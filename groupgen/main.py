@@ -4,20 +4,24 @@
 
 Each stage runs in ``out/<n>_<stage>-<hash>/`` where the hash covers the stage's resolved config and the
 hashes of the stages before it, and is marked finished by a ``DONE.json``. A re-run reuses finished
-stages; ``redo=[ar,sample]`` (or ``redo=[all]``) recomputes them. Final artefacts are copied to ``out/``.
+stages and resumes unfinished ones; ``redo=[ar]`` (or ``redo=[all]``) recomputes a stage and every stage
+after it (their hashes do not cover the results they read). A stage being redone keeps its previous
+folder as ``out/.old-<folder>`` until the whole pipeline has finished, so an interrupted or failed redo
+loses nothing, and re-running the same command continues it. Final artefacts are copied to ``out/``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_copyfile, atomic_write_text
 from .config import ConfigError, config_hash, load_config, save_config
 from .runs import set_threads
 
@@ -84,21 +88,41 @@ class Pipeline:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.redo = set(STAGES) if "all" in cfg.redo else set(cfg.redo)
+        self.redo: set[str] = set()
+        for name in STAGES if "all" in cfg.redo else cfg.redo:
+            self._redo_from(name)
+        self.set_aside: list[Path] = []   # previous folders of redone stages, deleted once all finished
         self.timings: dict[str, float] = {}
+
+    def _redo_from(self, name: str) -> None:
+        # a later stage's key holds only upstream config hashes, so it would reuse a result computed from
+        # the replaced upstream one: redo it too
+        self.redo.update(STAGES[STAGES.index(name):])
 
     def stage(self, idx: int, name: str, key: dict, run):
         """Run ``run(dir)`` unless a finished run with the same key exists; return (dir, result, hash)."""
         h = config_hash(key)
         d = self.out / f"{idx}_{name}-{h}"
         done = d / "DONE.json"
-        if done.is_file() and name not in self.redo:
+        old = self.out / f".old-{d.name}"
+        if old.exists():
+            # a redo of this stage has not finished (interrupted or failed): keep what it did, finished or
+            # not, and redo the later stages
+            self._redo_from(name)
+        elif name in self.redo:
+            # set the previous folder aside (an empty marker if there is none): the redo starts afresh, and
+            # the old result survives until the whole pipeline has finished
+            if d.exists():
+                os.replace(d, old)
+            else:
+                old.mkdir()
+        if old.exists():
+            self.set_aside.append(old)
+        if done.is_file():
             _log(f"stage {name}: reusing {d}")
             result = json.loads(done.read_text())
             self.timings[name] = f"{result.get('seconds', 0)} (reused)"
             return d, result, h
-        if d.exists() and name in self.redo:
-            shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
         _log(f"stage {name}: running in {d}")
         t0 = time.perf_counter()
@@ -157,7 +181,7 @@ class Pipeline:
             gen = evaluate_samples(data["arr_0"], data["labels"], c.eval.ref, e_cfg, log=_log)
             # the yardstick: the same metric between real train and real test images
             hw = tuple(data["arr_0"].shape[1:3])
-            real, _ = dataset_images(c.eval.ref, "train", hw, c.eval.real_n)
+            real, _ = dataset_images(c.eval.ref.partition(":")[0], "train", hw, c.eval.real_n, e_cfg.ref_resize)
             base = evaluate_samples(real, None, c.eval.ref, dataclasses.replace(e_cfg, pr=False), log=_log)
             from tokenizer.evaluate import EvalConfig as TokEvalConfig
             from tokenizer.evaluate import evaluate as eval_tok
@@ -169,21 +193,29 @@ class Pipeline:
                     "real_train_vs_test": {"fid": base["fid"], "is": base["is"], "n": base["num_samples"]}}
 
         ev_dir, ev_res, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg),
-                                                   "ref": c.eval.ref, "real_n": c.eval.real_n}, run_eval)
+                                                   "ref": c.eval.ref, "real_n": c.eval.real_n,
+                                                   "recon_images": c.eval.recon_images}, run_eval)
         metrics = self.collect(tok_dir, enc_res, ar_dir, ar_res, smp_dir, smp_res, ev_res)
         metrics["wall_seconds"] = round(time.perf_counter() - t_all, 1)
         metrics["stage_seconds"] = self.timings
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1, default=str))
         self.report(metrics)
+        self.drop_set_aside()
         _log(f"finished in {metrics['wall_seconds']:.0f}s; see {self.out / 'report.md'}")
         return metrics
 
+    def drop_set_aside(self) -> None:
+        """The pipeline finished: the results its redone stages replaced can go."""
+        for old in self.set_aside:
+            shutil.rmtree(old)
+        self.set_aside = []
+
     def collect(self, tok_dir, enc_res, ar_dir, ar_res, smp_dir, smp_res, ev_res) -> dict:
         for src, dst in ((smp_dir / "grid.png", "grid.png"), (smp_dir / "samples.npz", "samples.npz")):
-            shutil.copyfile(src, self.out / dst)
+            atomic_copyfile(src, self.out / dst)
         strips = sorted(Path(tok_dir).glob("recon_*.png"))
         if strips:
-            shutil.copyfile(strips[-1], self.out / "recon.png")
+            atomic_copyfile(strips[-1], self.out / "recon.png")
         from groupgen.tokens import TokenStore
 
         layout = TokenStore(enc_res["train"]).layout

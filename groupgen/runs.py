@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
+
 
 def set_threads(n: int | None = None) -> int:
     """Pin intra-op threads (a 2-core box with a busy neighbour swings 100x otherwise)."""
@@ -75,7 +77,8 @@ class MetricsLog:
                 continue
             if isinstance(row, dict) and row.get("step", -1) <= step:
                 keep.append(ln)
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        # atomic: a crash here must not lose the rows before the checkpoint
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -38,10 +38,11 @@ class TokenStoreWriter:
         hfile = self.root / "header.json"
         if hfile.is_file():
             old = json.loads(hfile.read_text())
-            same = {k: old.get(k) for k in header if k != "complete"} == {k: v for k, v in header.items() if k != "complete"}
-            if not same:
+            diffs = [f"{k}: existing {old.get(k)!r} vs new {v!r}" for k, v in header.items()
+                     if k != "complete" and old.get(k) != v]
+            if diffs:
                 raise TokenStoreError(f"{self.root}: an existing token store with a different header is in the "
-                                      f"way; remove it or write elsewhere")
+                                      f"way ({'; '.join(diffs)}); remove it or write elsewhere")
             self.header = old
             self.codes = np.load(self.root / "codes.npy", mmap_mode="r+")
             self.labels = np.load(self.root / "labels.npy", mmap_mode="r+")

@@ -57,7 +57,8 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
     """Apply temperature, top-k and top-p. Returns (kept logits, their indices or None for identity).
 
     With top-k the result has only ``k`` columns (``torch.topk`` is much cheaper than a full sort
-    for K = 16384); the caller maps a drawn column back through the returned indices.
+    for K = 16384), in index order unless top-p needs them sorted by value; the caller maps a drawn
+    column back through the returned indices.
     """
     logits = logits.float()
     if s.temperature != 1.0:
@@ -65,16 +66,20 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
     K = logits.shape[-1]
     idx = None
     if 0 < s.top_k < K:
-        # Only top-p needs the kept logits in order. Without it, the CPU kernel (kept columns in
-        # index order, ~7x faster than torch.topk) where built, else an unsorted torch.topk (~1.5x
-        # cheaper than a sorted one).
-        picked = cpu_kernels.topk(logits, s.top_k) if s.top_p >= 1.0 else None
-        if picked is not None:
-            logits, idx = picked
-        else:
-            logits, idx = torch.topk(logits, s.top_k, dim=-1, sorted=s.top_p < 1.0)
-        if s.top_p < 1.0:
+        if s.top_p < 1.0:   # the nucleus needs the kept logits in descending order
+            logits, idx = torch.topk(logits, s.top_k, dim=-1, sorted=True)
             logits = logits.masked_fill(top_p_mask(logits, s.top_p), float("-inf"))
+        else:
+            # ``draw`` spends one random number per column, so every path must keep the columns in
+            # the same (index) order for a seed to give the same tokens everywhere: the CPU kernel
+            # (~7x faster than torch.topk) returns them so; torch.topk does not, so its k indices
+            # are sorted after it (together about the cost of a value-sorted torch.topk).
+            picked = cpu_kernels.topk(logits, s.top_k)
+            if picked is not None:
+                logits, idx = picked
+            else:
+                idx = torch.topk(logits, s.top_k, dim=-1, sorted=False).indices.sort(dim=-1).values
+                logits = logits.gather(-1, idx)
     elif s.top_p < 1.0:
         logits, idx = torch.sort(logits, dim=-1, descending=True)
         logits = logits.masked_fill(top_p_mask(logits, s.top_p), float("-inf"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import sys
@@ -55,7 +54,8 @@ class SamplingConfig:
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     kv_cache: Literal["auto", "fp32", "bf16"] = "auto"   # auto: the precision's dtype; bf16 under fp32
-    #   halves the cache (memory and its read per step) at one bf16 rounding of each key and value
+    #   halves the cache memory (and, on the CPU kernel, its read per step) at one bf16 rounding of k/v
+    weights: Literal["model", "ema"] = "model"           # the checkpoint's model.safetensors or ema.safetensors
     device: str = ""                         # "" = cuda:LOCAL_RANK if available, else cpu
     save_png: bool = False                   # DIR/png/<index>_<label>.png
     grid_per_class: int = 8                  # grid columns
@@ -69,6 +69,10 @@ class SamplingConfig:
             raise ValueError("num_samples and per_class must be >= 0")
         if self.grid_per_class < 0 or self.grid_max_rows < 0:
             raise ValueError("grid_per_class and grid_max_rows must be >= 0")
+        if self.precision == "bf16" and self.kv_cache == "fp32":
+            # bf16 compute makes bf16-valued keys and values: an fp32 cache only doubles its memory
+            raise ValueError("kv_cache=fp32 with precision=bf16 stores bf16 values at twice the memory; "
+                             "use kv_cache=auto or kv_cache=bf16 (or precision=fp32)")
 
 
 # Settings that only change how results are presented (not the samples): excluded from the
@@ -86,6 +90,7 @@ class Models:
     tokenizer_path: str = ""
     ckpt_hash: str = ""
     tokenizer_hash: str = ""
+    weights: str = "model"        # the checkpoint's weight file that ``model`` was loaded from
 
 
 @dataclass
@@ -112,6 +117,7 @@ def _layout_of(meta: dict, where: str) -> TokenLayout:
 def make_plan(cfg: SamplingConfig, layout: TokenLayout, num_classes: int,
               ckpt_names: list[str] | None) -> Plan:
     """Resolve classes, labels and per-group settings; raises on any bad value before work."""
+    cfg.validate()   # a config built in Python (not by load_config) is checked too
     G = layout.G
     names = class_names_for(num_classes, ckpt_names, cfg.class_names)
     selection = resolve_classes(cfg.classes, names, num_classes)
@@ -137,6 +143,9 @@ def load_models(ckpt, tokenizer=None, device="cpu", cfg: SamplingConfig | None =
     AR checkpoint names unless ``tokenizer`` (a path) is given.
     """
     if isinstance(ckpt, Models):
+        if cfg is not None and cfg.weights != ckpt.weights:
+            raise SamplingError(f"weights={cfg.weights!r}, but the preloaded model holds {ckpt.ckpt_path}'s "
+                                f"{ckpt.weights!r} weights; load it with this config")
         plan = make_plan(cfg, _layout_of(ckpt.meta, "AR model"), int(ckpt.meta["num_classes"]),
                          ckpt.meta.get("class_names")) if cfg is not None else None
         return ckpt, plan
@@ -158,32 +167,47 @@ def load_models(ckpt, tokenizer=None, device="cpu", cfg: SamplingConfig | None =
     tmeta = load_meta(tk)
     layout.check_same(_layout_of(tmeta, str(tk)), f"AR checkpoint {ck}", f"tokenizer {tk}")
     plan = make_plan(cfg, layout, int(meta["num_classes"]), meta.get("class_names")) if cfg is not None else None
+    weights = cfg.weights if cfg is not None else "model"
+    _check_weights_file(ck, weights)
 
     tok_hash = checkpoint_hash(tk)
     want = meta.get("tokenizer_hash")
     if want and want != tok_hash:
         print(f"warning: tokenizer {tk} has weights hash {tok_hash}, but the AR model was trained on codes "
               f"from a tokenizer with hash {want}", file=sys.stderr)
-    model, meta = load_ar(ck, device=device)
+    model, meta = load_ar(ck, device=device, weights=weights)
     model = model_for_precision(model, cfg.precision if cfg is not None else "fp32")
     tok = load_tokenizer(tk, device=device)
     layout.check_same(tok.layout, f"AR checkpoint {ck}", f"tokenizer {tk}")
-    return Models(model, meta, tok, str(ck), str(tk), checkpoint_hash(ck), tok_hash), plan
+    return Models(model, meta, tok, str(ck), str(tk), checkpoint_hash(ck, weights), tok_hash, weights), plan
+
+
+def _check_weights_file(ck: Path, weights: str) -> None:
+    """``weights=ema`` needs the EMA export, which only runs trained with ``train.ema > 0`` have."""
+    if not (ck / f"{weights}.safetensors").is_file():
+        have = sorted(p.stem for p in ck.glob("*.safetensors"))
+        hint = " (trained without train.ema?); use weights=model" if weights == "ema" else ""
+        raise SamplingError(f"{ck}: weights={weights!r} needs {weights}.safetensors, which this checkpoint "
+                            f"lacks{hint}; it has {have}")
 
 
 # --- generation ---------------------------------------------------------------------------------
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def model_for_precision(model, precision: str):
-    """bf16 sampling casts the weights once: autocast under inference mode re-casts every weight at
-    every decode step (no cast cache there), which costs a full pass over the weights per token."""
-    if precision == "bf16" and next(model.parameters()).dtype != torch.bfloat16:
-        model = model.to(torch.bfloat16)
+    """Weights in the sampling precision, cast once: autocast under inference mode re-casts every
+    weight at every decode step (no cast cache there), which costs a full pass over the weights per
+    token; and fp32 sampling of a bf16 (or fp16) checkpoint must compute in fp32, not in the file's dtype."""
+    want = _DTYPES[precision]
+    if any(p.dtype != want for p in model.parameters()):
+        model = model.to(want)
     return model
 
 
 def kv_cache_dtype(cfg: SamplingConfig) -> torch.dtype:
     """The KV cache's dtype: ``cfg.kv_cache``, or the sampling precision's where it is "auto"."""
-    name = cfg.precision if cfg.kv_cache == "auto" else cfg.kv_cache
-    return torch.bfloat16 if name == "bf16" else torch.float32
+    return _DTYPES[cfg.precision if cfg.kv_cache == "auto" else cfg.kv_cache]
 
 
 def chunk_seed(seed: int, chunk: int) -> int:
@@ -252,15 +276,18 @@ def _chunk_path(out: Path, c: int) -> Path:
 
 
 def _write_npz(path: Path, **arrays) -> None:
-    """Write an .npz atomically: a temp file in the same folder, then rename."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    """Write an .npz atomically: straight into a temp file in the same folder (no in-memory copy of
+    the archive), fsync, then rename."""
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _chunk_ok(path: Path, labels: np.ndarray) -> bool:
@@ -275,11 +302,28 @@ def _chunk_ok(path: Path, labels: np.ndarray) -> bool:
         return False
 
 
+def _canonical(config: dict) -> dict:
+    """The settings a shards folder is keyed by. Settings added after such folders were first
+    written are left out where they hold their default meaning, so those folders still resume: the
+    KV cache at the precision's own dtype ("auto" and that dtype are one setting, and folders from
+    before the setting lack it) and the model's own weights (``weights=model``)."""
+    d = {k: v for k, v in config.items() if k not in _PRESENTATION}
+    if d.get("kv_cache", "auto") in ("auto", d.get("precision", "fp32")):
+        d.pop("kv_cache", None)
+    if d.get("weights", "model") == "model":
+        d.pop("weights", None)
+    return d
+
+
+def _key(config: dict, ckpt_hash, tokenizer_hash) -> str:
+    return config_hash({"c": config, "a": ckpt_hash, "t": tokenizer_hash})
+
+
 def _fingerprint(cfg: SamplingConfig, models: Models, plan: Plan) -> dict:
-    d = {k: v for k, v in to_dict(cfg).items() if k not in _PRESENTATION}
+    d = _canonical(to_dict(cfg))
     return {"config": d, "ckpt_hash": models.ckpt_hash, "tokenizer_hash": models.tokenizer_hash,
             "num_samples": int(len(plan.labels)), "num_chunks": len(plan.chunks),
-            "key": config_hash({"c": d, "a": models.ckpt_hash, "t": models.tokenizer_hash})}
+            "key": _key(d, models.ckpt_hash, models.tokenizer_hash)}
 
 
 def _claim_shards_dir(out: Path, fp: dict) -> None:
@@ -289,9 +333,10 @@ def _claim_shards_dir(out: Path, fp: dict) -> None:
     f = shards / "fingerprint.json"
     if f.is_file():
         old = json.loads(f.read_text())
-        if old.get("key") != fp["key"]:
-            diff = sorted(k for k in set(old.get("config", {})) | set(fp["config"])
-                          if old.get("config", {}).get(k) != fp["config"].get(k))
+        # re-keyed from its settings: a folder written before _canonical existed stored the raw ones
+        old_cfg = _canonical(old.get("config", {}))
+        if _key(old_cfg, old.get("ckpt_hash"), old.get("tokenizer_hash")) != fp["key"]:
+            diff = sorted(k for k in set(old_cfg) | set(fp["config"]) if old_cfg.get(k) != fp["config"].get(k))
             for k in ("ckpt_hash", "tokenizer_hash"):
                 if old.get(k) != fp[k]:
                     diff.append(k)
@@ -390,7 +435,9 @@ def merge_shards(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, wait: bool 
         if not (tokenizer or meta.get("tokenizer")):
             raise SamplingError(f"{ck}: the AR checkpoint names no tokenizer; pass --tokenizer PATH")
         tk = resolve_checkpoint(tokenizer or meta.get("tokenizer"))
-        models = Models(None, meta, None, str(ck), str(tk), checkpoint_hash(ck), checkpoint_hash(tk))
+        _check_weights_file(ck, cfg.weights)
+        models = Models(None, meta, None, str(ck), str(tk), checkpoint_hash(ck, cfg.weights), checkpoint_hash(tk),
+                        cfg.weights)
         plan = make_plan(cfg, _layout_of(meta, str(ck)), int(meta["num_classes"]), meta.get("class_names"))
     _claim_shards_dir(out, _fingerprint(cfg, models, plan))
     if wait:
@@ -406,7 +453,8 @@ def merge_shards(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, wait: bool 
                 parts[k].append(z[k])
             gen_s += float(z["gen_s"])
             dec_s += float(z["decode_s"])
-    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    # each key's chunks are dropped once joined: two copies of one key's data at most, not of all
+    arrays = {k: np.concatenate(parts.pop(k)) for k in list(parts)}
     _write_npz(out / "samples.npz", **arrays)
     save_grid(arrays["arr_0"], arrays["labels"], out / "grid.png", cfg.grid_per_class, cfg.grid_max_rows)
     if cfg.save_png:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from groupgen.checkpoint import latest_checkpoint, load_meta, load_state
+from groupgen.checkpoint import CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors
 from groupgen.config import ConfigError, load_config
 from groupgen.layout import LayoutError, TokenLayout
 from groupgen.runs import read_jsonl, seed_everything
@@ -199,6 +200,79 @@ def test_sigterm_checkpoints_and_resume_is_exact(store, full_run, tmp_path):
     a, b = (full_run[0] / "checkpoints/step_00000008", out / "checkpoints/step_00000008")
     for name in ("model.safetensors", "ema.safetensors"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+TIMING = {"elapsed_s", "tok_per_s", "img_per_s"}   # wall-clock fields
+
+
+def test_resume_between_log_lines_logs_what_an_uninterrupted_run_logs(store, tmp_path):
+    """log_every=4, stopped after step 2: the resumed run's step-4 line averages steps 1-4, as the
+    uninterrupted run's does (the loss window is part of the trainer state)."""
+    ov = ["train.steps=5", "train.log_every=4"]
+    train(cfg_of(*ov), store, tmp_path / "full")
+    train(cfg_of(*ov, "train.stop_at=2"), store, tmp_path / "part")
+    st = load_state(latest_checkpoint(tmp_path / "part" / "checkpoints"))
+    train(cfg_of(*ov), store, tmp_path / "part")
+
+    def rows(run):
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows(tmp_path / "full")] == [4, 5]
+    assert rows(tmp_path / "part") == rows(tmp_path / "full")
+    assert st["log_window_n"] == 2 and st["log_window"].shape == (3,)
+
+
+def test_resume_from_a_checkpoint_without_the_log_window_starts_an_empty_one(store, tmp_path):
+    train(cfg_of("train.steps=3", "train.log_every=2", "train.stop_at=1"), store, tmp_path / "run")
+    ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    st = load_state(ck)
+    del st["log_window"], st["log_window_n"]                        # as saved before the window was
+    torch.save(st, ck / "state.pt")
+    res = train(cfg_of("train.steps=3", "train.log_every=2"), store, tmp_path / "run")
+    assert res["step"] == 3 and sorted(losses(tmp_path / "run")) == [2, 3]
+
+
+def _copy_checkpoint(full_run, dst: Path) -> Path:
+    ck = dst / "checkpoints" / "step_00000008"
+    shutil.copytree(latest_checkpoint(full_run[0] / "checkpoints"), ck)
+    return ck
+
+
+def test_resume_without_state_pt_names_the_file(store, full_run, tmp_path):
+    ck = _copy_checkpoint(full_run, tmp_path / "run")
+    (ck / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"step_00000008/state.pt: missing; resuming needs the trainer state"):
+        train(cfg_of("train.steps=9", "train.ema=0.9", f"train.resume={ck}"), store, tmp_path / "run")
+
+
+def test_resume_with_an_incomplete_ema_names_the_file_and_key(store, full_run, tmp_path):
+    from safetensors.torch import save_file
+
+    ck = _copy_checkpoint(full_run, tmp_path / "run")
+    sd = load_tensors(ck, "ema")
+    gone = sorted(sd)[0]
+    del sd[gone]
+    save_file(sd, str(ck / "ema.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"step_00000008/ema.safetensors: no tensor '{gone}'"):
+        train(cfg_of("train.steps=9", "train.ema=0.9", f"train.resume={ck}"), store, tmp_path / "run")
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_bf16_training_exports_and_averages_the_fp32_masters(store, tmp_path, monkeypatch, zero):
+    """DeepSpeed bf16 trains bf16 copies of fp32 masters: model.safetensors (and, on ZeRO-0, where
+    the masters are local, the EMA) must be the masters (not all bf16-representable), not the
+    bf16-rounded module weights."""
+    from ar_model.ema import EMA
+
+    seen = []
+    update = EMA.update
+    monkeypatch.setattr(EMA, "update", lambda self, p: (seen.append({v.dtype for v in p.values()}), update(self, p)))
+    train(cfg_of("train.steps=3", "train.precision=bf16", "train.ema=0.9", f"train.zero_stage={zero}"), store,
+          tmp_path / "run")
+    assert seen == [{torch.float32 if zero == 0 else torch.bfloat16}] * 3   # ZeRO-2: partitioned masters
+    ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    for name in ("model", "ema"):
+        w = [v for v in load_tensors(ck, name).values() if v.is_floating_point() and v.dim() >= 2]
+        assert w and not all(torch.equal(v, v.bfloat16().float()) for v in w), name
 
 
 def test_layout_mismatch_is_an_error(store, full_run, tmp_path):

@@ -1,8 +1,12 @@
-"""eval.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors."""
+"""eval.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors;
+the Makefile's bench target."""
 import json
 import math
+import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eval.compare import CompareConfig, main
@@ -84,3 +88,43 @@ def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
         load_config(CompareConfig, CONFIG, ["redo=[tokeniser]"])
     with pytest.raises(ConfigError, match="unique"):
         load_config(CompareConfig, CONFIG, ["layouts=[{name: a}, {name: a}]"])
+
+
+def test_real_train_baseline_uses_the_configured_ref_resize(tmp_path, monkeypatch):
+    import eval.fidelity
+    import eval.generation
+    from eval.compare import Comparison
+
+    cfg = load_config(CompareConfig, CONFIG, [f"out={tmp_path / 'cmp'}", "quality.overrides=[ref_resize=resize]"])
+    seen = {}
+
+    def fake_dataset_images(name, split, hw, n=0, resize="pad"):
+        seen.update(name=name, split=split, n=n, resize=resize)
+        return np.zeros((n, *hw, 3), np.uint8), np.zeros(n, np.int64)
+
+    monkeypatch.setattr(eval.fidelity, "dataset_images", fake_dataset_images)
+    monkeypatch.setattr(eval.generation, "evaluate_samples",
+                        lambda images, labels, ref, e_cfg, log=None: {"fid": 0.0, "ref_resize": e_cfg.ref_resize})
+    out = Comparison(cfg).real_baseline(30, (32, 32))
+    # the real side is resized like the reference it is compared with (default "pad" would differ)
+    assert seen == {"name": "fmnist", "split": "train", "n": 30, "resize": "resize"}
+    assert out["ref_resize"] == "resize"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_bench_needs_llamagen_and_gives_each_script_its_own_args(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(["make", "-s", "llamagen-check"], cwd=root, capture_output=True, text=True)
+    assert r.returncode != 0 and "LLAMAGEN" in r.stderr and "make bench LLAMAGEN=" in r.stderr
+    r = subprocess.run(["make", "llamagen-check", f"LLAMAGEN={tmp_path / 'missing'}"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and str(tmp_path / "missing") in r.stderr
+    # dry run: print the commands only
+    r = subprocess.run(["make", "-n", "bench", f"LLAMAGEN={tmp_path}", "AR_ARGS=--quick", "STORE_ARGS=--n 10",
+                        "TOK_ARGS=--batch 1", "ARGS=--nope"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = {w[1]: ln for ln in r.stdout.splitlines() if (w := ln.split())[1:2] and w[1].startswith("bench/")}
+    assert lines["bench/ar_vs_llamagen.py"].endswith(f'--llamagen "{tmp_path}" --quick')
+    assert lines["bench/token_store.py"].endswith("token_store.py --n 10")
+    assert lines["bench/tokenizer_speed.py"].endswith("tokenizer_speed.py --batch 1")
+    assert "--nope" not in r.stdout

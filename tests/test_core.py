@@ -56,6 +56,26 @@ def test_config_bad_type_names_key():
         load_config(Outer, None, ["flag=maybe"])
 
 
+def test_config_override_into_empty_yaml_section(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: hello\ntrain:\n#  steps: 5\n")  # every key commented out: the section loads as None
+    cfg = load_config(Outer, p, ["train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.train.lr == 1e-4
+    assert load_config(Outer, p).train == Inner()
+    p.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: config section 'train': expected a mapping, got int 3"):
+        load_config(Outer, p, ["train.steps=7"])
+
+
+def test_config_string_override_is_taken_as_written():
+    # YAML would read 0123 as octal 83 and 1_000 as 1000; a str field keeps the text
+    assert load_config(Outer, None, ["name=0123"]).name == "0123"
+    assert load_config(Outer, None, ["name=1_000"]).name == "1_000"
+    assert load_config(Outer, None, ["name=true"]).name == "true"
+    assert load_config(Outer, None, ['name="a b"']).name == "a b"
+    assert load_config(Outer, None, ["train.steps=1_000"]).train.steps == 1000  # non-str fields: YAML
+
+
 def _tensors(v):
     return {"model": {"w": torch.full((3, 4), float(v)), "b": torch.arange(3.0) + v}}
 
@@ -91,6 +111,74 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert p.name == "step_00000001"
     assert torch.equal(ck.load_tensors(p)["w"], torch.full((3, 4), 1.0))
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".tmp")]
+
+
+def test_save_removes_temp_dirs_left_by_a_killed_save(tmp_path):
+    ck.save_checkpoint(tmp_path, 1, _tensors(1), {"k": 1})
+    stale = tmp_path / ".tmp-step_00000002-abc123"  # what SIGKILL inside write_checkpoint_dir leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"torn")
+    ck.save_checkpoint(tmp_path, 2, _tensors(2), {"k": 2})
+    assert not stale.exists() and ck.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".tmp")]
+
+
+def _dying_writes(monkeypatch):
+    """Every file opened for writing from now on takes half of what it is given, then the disk is full."""
+    import io
+
+    real_open = io.open
+
+    class Half:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, s):
+            self.f.write(s[: len(s) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, k):
+            return getattr(self.f, k)
+
+    def dying_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Half(f) if "w" in mode else f
+
+    monkeypatch.setattr(io, "open", dying_open)
+
+
+def test_metrics_truncate_after_is_atomic(tmp_path, monkeypatch):
+    from groupgen.runs import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    for s in (10, 20, 30):
+        log.write(step=s, loss=1.0 / s)
+    before = log.path.read_text()
+    _dying_writes(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        log.truncate_after(20)
+    monkeypatch.undo()
+    assert log.path.read_text() == before  # a failed rewrite keeps every row, torn nothing
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+    log.truncate_after(20)
+    assert [json.loads(ln)["step"] for ln in log.path.read_text().splitlines()] == [10, 20]
+
+
+def test_rng_state_restores_numpy_cached_gaussian(tmp_path):
+    np.random.seed(0)
+    np.random.standard_normal()  # draws a pair: the second is cached for the next call
+    ck.save_checkpoint(tmp_path, 1, _tensors(1), {"k": 1}, {"rng": ck.rng_state()})
+    want = np.random.standard_normal(3)
+    np.random.standard_normal(5)
+    ck.set_rng_state(ck.load_state(tmp_path)["rng"])  # through state.pt, read with weights_only=True
+    assert np.array_equal(np.random.standard_normal(3), want)
 
 
 class _Evil:
@@ -150,6 +238,16 @@ def test_token_store_roundtrip_resume_and_validation(tmp_path):
         w2.write_chunk(0, np.full((4, 2, 4, 2), 7), labels[:4])
 
 
+def test_token_store_header_mismatch_names_each_differing_key(tmp_path):
+    lay = TokenLayout(kind="grid", L=4, K=(16,), h=2, w=2)
+    TokenStoreWriter(tmp_path / "s", lay, 10, 1, 10, meta={"tokenizer_hash": "aaa"})
+    with pytest.raises(TokenStoreError) as e:
+        TokenStoreWriter(tmp_path / "s", lay, 12, 1, 10, meta={"tokenizer_hash": "bbb"})
+    msg = str(e.value)
+    assert "N: existing 10 vs new 12" in msg and "tokenizer_hash: existing 'aaa' vs new 'bbb'" in msg
+    assert "num_classes" not in msg and "layout" not in msg  # keys that agree are not listed
+
+
 def test_fmnist_real_files():
     xtr, ytr = fmnist_arrays("train")
     xte, yte = fmnist_arrays("test")
@@ -184,3 +282,37 @@ def test_imagefolder_modes_and_corrupt_file(tmp_path):
     ds = build_dataset(cfg, "train", train=True)
     x, _ = ds[bad]
     assert x.shape == (3, 16, 16) and ds.skipped and ds.skipped[0].endswith("bad.jpg")
+
+
+def _image_tree(root, splits, classes, per_class):
+    from PIL import Image
+
+    for sp in splits:
+        for c in classes:
+            d = root / sp / c if sp else root / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (12, 12)).save(d / f"{i:03d}.png")
+
+
+def test_imagefolder_split_folders(tmp_path):
+    _image_tree(tmp_path / "inet", ("train", "val"), ("n01", "n02"), 2)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "inet"), image_size=8, channels=3)
+    ds = build_dataset(cfg, "test")  # ImageNet has no test folder: its labelled held-out split is val
+    assert ds.class_names == ["n01", "n02"] and all(f.parts[-3] == "val" for f, _ in ds.files)
+    _image_tree(tmp_path / "tv", ("train", "test"), ("a",), 1)
+    with pytest.raises(DataError, match=r"no 'val' split folder; it has split folders \['train', 'test'\]"):
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "tv"), image_size=8), "val")
+    _image_tree(tmp_path / "flat", ("",), ("a", "b"), 1)  # no split folders: every split reads the classes
+    assert build_dataset(DataConfig(name="imagefolder", root=str(tmp_path / "flat"), image_size=8),
+                         "test").class_names == ["a", "b"]
+
+
+def test_imagefolder_limit_spans_the_classes(tmp_path):
+    _image_tree(tmp_path, ("val",), [f"c{i}" for i in range(5)], 4)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path), image_size=8, channels=3, limit=7)
+    ds = build_dataset(cfg, "val")
+    labels = [c for _, c in ds.files]
+    assert len(labels) == 7 and set(labels) == set(range(5)) and labels == sorted(labels)
+    assert ds.files == build_dataset(cfg, "val").files  # seeded: the same subset every time
+    assert len({f for f, _ in ds.files}) == 7

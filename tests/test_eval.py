@@ -162,6 +162,61 @@ def test_generation_eval_end_to_end_with_domain_extractor(tiny_domain, tmp_path,
     assert len(refs) == 1  # second evaluation reused the cached reference statistics
 
 
+def _class_major_samples(per_class: int = 500, classes: int = 4):
+    """Images whose pixel (0,0,0) is the class, written class after class (balanced sampling's
+    order), and an extractor whose features are a class centre plus noise read from other pixels."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), per_class)
+    imgs = rng.integers(0, 256, (len(labels), 4, 4, 3), dtype=np.uint8)
+    imgs[:, 0, 0, 0] = labels
+
+    class ClassCentres(fd.Extractor):
+        name, feature_dim = "class-centres", 8
+
+        def __call__(self, x):
+            onehot = torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 8).float()
+            noise = x[:, 1, 1:3].flatten(1).float() / 64 - 2   # 8 values, ~uniform in [-2, 2)
+            return onehot * 20 + noise, onehot * 10
+
+    return imgs, labels, ClassCentres(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("subset", ["num_samples", "pr_max"])
+def test_generated_side_subsets_are_seeded_not_a_prefix(subset, monkeypatch):
+    """A prefix of class-major samples holds only the first classes: recall and IS would halve."""
+    import eval.generation as gen
+
+    imgs, labels, ext = _class_major_samples()
+    real_imgs, _, _ = _class_major_samples()
+    rf, _ = fd.extract(ext, real_imgs, 500)
+    ref = {**fd.fid_stats(rf), "pr_features": rf, "n": len(rf)}
+    monkeypatch.setattr(gen, "build_extractor", lambda *a, **k: ext)
+    monkeypatch.setattr(gen, "reference_stats", lambda *a, **k: ref)
+    cfg = GenEvalConfig(isc_splits=1, **({"num_samples": 1000} if subset == "num_samples" else {"pr_max": 1000}))
+    out = evaluate_samples(imgs, labels, "unused", cfg)
+    assert out["num_samples"] == (1000 if subset == "num_samples" else 2000)
+    assert out["recall"] > 0.9 and out["precision"] > 0.9   # the first 1000 cover 2 of 4 classes: recall ~0.5
+    assert out["is"] > 3.8                                  # 4 confident, balanced classes (prefix: ~2)
+    assert out["fid"] < 1.0                                 # prefix: ~200 (two class centres missing)
+    # the subset is the documented seeded one, so runs stay comparable
+    idx = fd.seeded_subset(2000, 1000, seed=gen.SAMPLES_SEED)
+    assert np.array_equal(idx, fd.seeded_subset(2000, 1000, seed=gen.SAMPLES_SEED)) and len(set(labels[idx])) == 4
+
+
+def test_domain_extractor_must_match_a_dataset_reference(tiny_domain, tmp_path):
+    cfg, cache, net, info = tiny_domain   # trained on fmnist
+    imgs, labels = fd.dataset_images("digits", "test", (32, 32), 100)
+    e_cfg = GenEvalConfig(extractor="domain", cache=cache, ref_n=100, isc_splits=1, domain=cfg)
+    for ref in ("digits", "digits:train"):
+        with pytest.raises(EvalError, match=r"'digits' dataset.*trained on 'fmnist'.*domain\.dataset=digits"):
+            evaluate_samples(imgs, labels, ref, e_cfg)
+    from eval.generation import check_domain_ref
+
+    check_domain_ref("fmnist:train", e_cfg)                    # same dataset: fine
+    check_domain_ref(str(tmp_path / "ref.npz"), e_cfg)         # files and folders cannot be checked
+    check_domain_ref("digits", GenEvalConfig(extractor="inception"))
+
+
 # ------------------------------------------------------------------ inputs and weights
 
 def test_npz_validation_errors(tmp_path):
@@ -207,6 +262,59 @@ def test_missing_inception_weights_error_says_how_to_provide(tmp_path, monkeypat
     assert fd.resolve_inception_weights() == f  # torch-fidelity's cache location is found
 
 
+def test_npz_single_hwc_image_is_refused(tmp_path):
+    np.savez(tmp_path / "hwc.npz", arr_0=np.zeros((32, 32, 3), np.uint8))   # one RGB image, no batch axis
+    with pytest.raises(EvalError, match=r"hwc\.npz.*\[32, 32, 3\].*one \[H,W,C\] image.*\[N,H,W,3\].*grey \[N,H,W\]"):
+        fd.load_samples_npz(tmp_path / "hwc.npz")
+    np.savez(tmp_path / "grey.npz", arr_0=np.zeros((5, 32, 32), np.uint8))   # a grey batch still loads
+    assert fd.load_samples_npz(tmp_path / "grey.npz")[0].shape == (5, 32, 32, 3)
+
+
+class _NotATensor:
+    pass
+
+
+def test_inception_weights_that_are_not_a_plain_state_dict_are_refused(tmp_path):
+    f = tmp_path / "evil.pth"
+    torch.save({"w": _NotATensor()}, f)   # needs pickle's full unpickler: torch-fidelity would run it
+    with pytest.raises(EvalError, match=r"evil\.pth: not a plain state dict"):
+        fd.build_extractor("inception", torch.device("cpu"), inception_weights=str(f))
+
+
+def test_inception_extractor_with_synthetic_weights(tmp_path, monkeypatch):
+    """The paper-comparable path end to end (weights check, hash in the name, NHWC -> NCHW, batching)
+    on seeded random weights, as the real ones are not available offline."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fi
+
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    with monkeypatch.context() as m:   # build the architecture without loading any weights
+        m.setattr(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None)
+        shape = fi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(empty)).state_dict()
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in shape.items():   # He-initialised convs, identity batch norms: activations stay O(1)
+        if not v.is_floating_point():
+            sd[k] = v
+        elif v.dim() >= 2:
+            sd[k] = torch.randn(v.shape, generator=g) * math.sqrt(2 / v[0].numel())
+        else:
+            sd[k] = torch.ones_like(v) if k.endswith(("running_var", ".weight")) else torch.zeros_like(v)
+    weights = tmp_path / "weights-inception-synthetic.pth"
+    torch.save(sd, weights)
+    ext = fd.build_extractor("inception", torch.device("cpu"), inception_weights=str(weights))
+    assert ext.name == f"inception-v3-compat-{fd.file_hash(weights)}" and ext.feature_dim == 2048
+    imgs = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    feats, logits = fd.extract(ext, imgs, batch_size=1)
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1008) and feats.dtype == torch.float32
+    with torch.no_grad():   # torch-fidelity's network on the same images as NCHW uint8
+        f_ref, l_ref = ext.net(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+    assert (feats[0] - feats[1]).abs().max() > 1e-3          # the features do depend on the image
+    torch.testing.assert_close(feats, f_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, l_ref, rtol=1e-4, atol=1e-5)
+
+
 def test_parse_ref():
     assert fd.parse_ref("fmnist", "test") == ("dataset", "fmnist", "test")
     assert fd.parse_ref("fmnist:train", "test") == ("dataset", "fmnist", "train")
@@ -230,15 +338,116 @@ def test_psnr_ssim_usage_hand_values():
     a = torch.rand(3, 3, 20, 20) * 2 - 1
     assert torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float64))
     assert (ssim(a, a + 0.3 * torch.randn_like(a)) < 0.9).all()
-    # constant images: SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1)
-    c1 = (0.01 * 2) ** 2
+    # constant images: SSIM reduces to the luminance term (2ab + c1) / (a^2 + b^2 + c1) of the pixel
+    # values on [0, 1] (data range 1, c1 = 0.01^2); on [-1, 1] it would be negative for 0.2 vs -0.3
     a0, b0 = 0.2, -0.3
     s = ssim(torch.full((1, 1, 12, 12), a0, dtype=torch.float64), torch.full((1, 1, 12, 12), b0, dtype=torch.float64))
-    assert abs(float(s) - (2 * a0 * b0 + c1) / (a0 ** 2 + b0 ** 2 + c1)) < 1e-9
+    a, b, c1 = (a0 + 1) / 2, (b0 + 1) / 2, 0.01 ** 2
+    assert abs(float(s) - (2 * a * b + c1) / (a ** 2 + b ** 2 + c1)) < 1e-9 and float(s) > 0.8
     u = codebook_usage(torch.tensor([[[0, 1]], [[1, 1]], [[2, 1]], [[3, 1]]]), (8, 2))
     assert u["usage"] == [0.5, 0.5]
     assert abs(u["perplexity"][0] - 4) < 1e-9 and abs(u["perplexity"][1] - 1) < 1e-9
     assert abs(u["entropy_bits"][0] - 2) < 1e-9
+
+
+@pytest.mark.parametrize("size", [28, 8])   # 8: the window shrinks to the image
+def test_ssim_equals_tokenizer_evaluate_ssim(size):
+    from tokenizer.evaluate import ssim as tok_ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 1, size, size, generator=g, dtype=torch.float64) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+    y[0] = -x[0]   # local means on opposite sides of 0 (where a [-1, 1] luminance term goes wrong)
+    ours, theirs = ssim(x, y), tok_ssim((x + 1) / 2, (y + 1) / 2).double()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert (ours < 0.95).all() and (ours > -1).all()
+
+
+def test_per_position_codebook_usage_is_counted_per_position(tmp_path):
+    """QG-VAE collapse: every position always emits one code (a different one per position). Pooled
+    over positions that looks like full usage; per position it is 1/K of each codebook."""
+    from tokenizer.evaluate import code_usage
+
+    K, L = 64, 64
+    codes = torch.arange(L).repeat(100, 1)[..., None]   # [N, L, G=1]
+    u = codebook_usage(codes, (K,), per_position=True)
+    assert u["usage"] == [1 / K] and u["perplexity"] == [1.0] and u["entropy_bits"] == [0.0]
+    assert codebook_usage(codes, (K,))["usage"] == [1.0]          # the shared-codebook reading (pooled)
+    # random codes: the same numbers as the tokenizer's own evaluation
+    rnd = torch.randint(0, 8, (200, 5, 2), generator=torch.Generator().manual_seed(0))
+    ours, theirs = codebook_usage(rnd, (8, 8), per_position=True), code_usage(rnd, (8, 8), True)
+    for g in range(2):
+        assert ours["usage"][g] == pytest.approx(theirs[f"usage/g{g}"], abs=1e-12)
+        assert ours["perplexity"][g] == pytest.approx(theirs[f"perplexity/g{g}"], rel=1e-12)
+    with pytest.raises(EvalError, match=r"\[N, L, G\].*\[6400, 1\]"):
+        codebook_usage(codes.reshape(-1, 1), (K,), per_position=True)
+
+    from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+
+    class Collapsed:   # a per-position tokenizer that emits code l at position l for every image
+        layout = TokenLayout("seq", L, (K,), image_size=32, channels=1, per_position_codebook=True)
+
+        def encode(self, x):
+            return torch.arange(L).repeat(len(x), 1)[..., None]
+
+        def decode_codes(self, c):
+            return torch.zeros(len(c), 1, 32, 32)
+
+    out = evaluate_tokenizer(Collapsed(), ReconEvalConfig(n=16, extractor="none", lpips=False),
+                             train_data={"name": "fmnist"})
+    assert out["usage"] == [1 / K] and out["perplexity"] == [1.0]
+
+    # layout statistics of the same codes in a token store
+    st = _store(tmp_path / "qg", Collapsed.layout, codes[:, None].numpy())
+    r = layout_stats(st, LayoutStatsConfig(spm=False))
+    assert r["codebooks"] == "per_position" and r["usage"] == [1 / K] and r["perplexity"] == [1.0]
+    assert r["marginal_usage"] == [1.0] and r["marginal_perplexity"] == [pytest.approx(K)]
+
+
+def _fake_tokenizer_checkpoint(path: Path, data: dict) -> Path:
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"kind": "tokenizer", "config": {"data": data}}))
+    return path
+
+
+def test_evaluate_tokenizer_uses_the_checkpoints_training_data(tmp_path):
+    from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+    from groupgen.config import ConfigError, load_config
+    from groupgen.data import DataConfig, build_dataset
+
+    class Identity:   # records what it was evaluated on
+        layout = TokenLayout("grid", 32 * 32, (256,), h=32, w=32, image_size=32, channels=1)
+
+        def __init__(self, ck):
+            self.checkpoint_path, self.seen = str(ck), []
+
+        def encode(self, x):
+            self.seen.append(x.clone())
+            return ((x + 1) * 127.5).round().long().clamp(0, 255).reshape(len(x), -1, 1)
+
+        def decode_codes(self, c):
+            return (c.float() / 127.5 - 1).reshape(len(c), 1, 32, 32)
+
+    ck = _fake_tokenizer_checkpoint(tmp_path / "tok", {"name": "digits", "image_size": 32, "channels": 1,
+                                                        "resize": "resize", "limit": 5})
+    tok = Identity(ck)
+    out = evaluate_tokenizer(tok, ReconEvalConfig(n=40, batch_size=16, extractor="none", lpips=False))
+    digits = build_dataset(DataConfig(name="digits", image_size=32, limit=40), "test").images
+    assert torch.equal(torch.cat(tok.seen), digits)   # not Fashion-MNIST, and n (not the ckpt's limit) images
+    assert out["data"]["name"] == "digits" and out["images"] == 40 and out["psnr"] > 40
+
+    tok2 = Identity(ck)   # an explicit override on top of the checkpoint's config
+    evaluate_tokenizer(tok2, load_config(ReconEvalConfig, None, ["n=8", "extractor=none", "lpips=false",
+                                                                 "data={name: fmnist}"]))
+    fm = build_dataset(DataConfig(name="fmnist", image_size=32, resize="resize", limit=8), "test").images
+    assert torch.equal(torch.cat(tok2.seen), fm)
+
+    with pytest.raises(EvalError, match=r"trained on 'fmnist' \(domain\.dataset\).*evaluated on 'digits'"):
+        evaluate_tokenizer(Identity(ck), ReconEvalConfig(n=8, extractor="domain", lpips=False))
+    with pytest.raises(EvalError, match="checkpoint_path"):
+        evaluate_tokenizer(Identity.__new__(Identity), ReconEvalConfig(n=8, extractor="none", lpips=False))
+    with pytest.raises(ConfigError, match=r"data: unknown keys \['nmae'\]"):
+        load_config(ReconEvalConfig, None, ["data={nmae: digits}"])
 
 
 # ------------------------------------------------------------------ layout statistics
@@ -317,7 +526,8 @@ def test_evaluate_tokenizer_with_a_stub_tokenizer():
         def decode_codes(self, c):
             return (c.float() / 3 * 2 - 1).reshape(len(c), 1, 32, 32)
 
-    out = evaluate_tokenizer(Stub(), ReconEvalConfig(n=64, batch_size=32, extractor="none", lpips=False))
+    out = evaluate_tokenizer(Stub(), ReconEvalConfig(n=64, batch_size=32, extractor="none", lpips=False),
+                             train_data={"name": "fmnist"})
     assert out["images"] == 64 and out["usage"] == [1.0] and 1 < out["perplexity"][0] <= 4
     # uniform 4-level quantisation of [-1,1]: error at most 1/3 per pixel -> PSNR >= 10 log10(4 / (1/9))
     assert out["psnr"] > 10 * math.log10(36) and 0 < out["ssim"] <= 1

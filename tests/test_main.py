@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from _env import REPO, child_env
@@ -20,6 +21,126 @@ TINY = [
     "sampling.overrides=[per_class=2,batch_size=20,grid_per_class=2]",
     "eval.real_n=200", "eval.overrides=[domain.train_limit=1000,domain.epochs=1,batch_size=50]",
 ]
+
+
+def _pipe(out: Path, *redo: str):
+    from groupgen.main import MainConfig, Pipeline
+
+    return Pipeline(MainConfig(out=str(out), redo=list(redo)))
+
+
+def _finished(tag):
+    """A stage body that leaves ``result.txt`` = tag and finishes."""
+    def run(d):
+        (d / "result.txt").write_text(tag)
+        return {"tag": tag}
+    return run
+
+
+def _interrupted(d):
+    (d / "checkpoints").mkdir()
+    (d / "checkpoints" / "step_00000300").write_text("partial")
+    return {"interrupted": True, "step": 300}
+
+
+def test_interrupted_redo_resumes_and_keeps_the_old_result(tmp_path):
+    d, _, _ = _pipe(tmp_path).stage(1, "tokenizer", {"cfg": 1}, _finished("v1"))
+    with pytest.raises(SystemExit):
+        _pipe(tmp_path, "tokenizer").stage(1, "tokenizer", {"cfg": 1}, _interrupted)
+    old = tmp_path / f".old-{d.name}"
+    assert (old / "result.txt").read_text() == "v1" and (old / "DONE.json").is_file()
+
+    def resumed(d):
+        assert (d / "checkpoints" / "step_00000300").read_text() == "partial"  # not started over
+        return _finished("v2")(d)
+
+    p = _pipe(tmp_path, "tokenizer")  # the same command again
+    d2, res, _ = p.stage(1, "tokenizer", {"cfg": 1}, resumed)
+    assert d2 == d and res["tag"] == "v2" and (d / "result.txt").read_text() == "v2"
+    assert (old / "result.txt").read_text() == "v1"  # kept until the whole pipeline has finished
+    p.drop_set_aside()
+    assert not old.exists()
+
+
+def test_failed_redo_keeps_the_old_result(tmp_path):
+    d, _, _ = _pipe(tmp_path).stage(1, "tokenizer", {"cfg": 1}, _finished("v1"))
+
+    def broken(d):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        _pipe(tmp_path, "tokenizer").stage(1, "tokenizer", {"cfg": 1}, broken)
+    assert (tmp_path / f".old-{d.name}" / "result.txt").read_text() == "v1"
+
+
+def test_redo_recomputes_every_later_stage_once(tmp_path):
+    calls = []
+
+    def body(tag):
+        def run(d):
+            calls.append(tag)
+            return _finished(tag)(d)
+        return run
+
+    def pipeline(p, tok, enc):
+        _, _, h1 = p.stage(1, "tokenizer", {"cfg": 1}, tok)
+        return p.stage(2, "encode", {"up": h1}, enc)
+
+    pipeline(_pipe(tmp_path), body("tok1"), body("enc1"))
+    # the encode key holds only the tokenizer's config hash: a retrained tokenizer must still re-encode
+    with pytest.raises(SystemExit):
+        pipeline(_pipe(tmp_path, "tokenizer"), body("tok2"), _interrupted)
+    # re-running the same command continues that redo: the new tokenizer is kept, the encode resumes
+    d, res, _ = pipeline(_pipe(tmp_path, "tokenizer"), body("tok3"), body("enc2"))
+    assert calls == ["tok1", "enc1", "tok2", "enc2"] and res["tag"] == "enc2"
+    assert (d / "checkpoints" / "step_00000300").is_file()
+
+
+def test_eval_stage_key_covers_recon_images(tmp_path, monkeypatch):
+    from groupgen.config import config_hash, load_config
+    from groupgen.main import MainConfig, Pipeline
+
+    class Stop(Exception):
+        pass
+
+    def fake_stage(self, idx, name, key, run):
+        if name == "eval":
+            raise Stop(config_hash(key))
+        return self.out / name, {"train": "t", "val": "v"}, f"h{idx}"
+
+    monkeypatch.setattr(Pipeline, "stage", fake_stage)
+    hashes = []
+    for n in (2000, 100):
+        cfg = load_config(MainConfig, REPO / "configs/main/fmnist.yaml", [f"out={tmp_path}", f"eval.recon_images={n}"])
+        with pytest.raises(Stop) as e:
+            Pipeline(cfg).run()
+        hashes.append(str(e.value))
+    assert hashes[0] != hashes[1]
+
+
+def test_final_artefacts_are_copied_atomically(tmp_path, monkeypatch):
+    import shutil
+
+    smp, out = tmp_path / "smp", tmp_path / "out"
+    smp.mkdir()
+    (smp / "grid.png").write_bytes(b"new grid")
+    (smp / "samples.npz").write_bytes(b"new samples" * 100)
+    p = _pipe(out)
+    (out / "samples.npz").write_bytes(b"old samples")
+    real = shutil.copyfile
+
+    def dying_copy(src, dst, **kw):  # the disk fills half-way through the samples
+        if Path(src).name != "samples.npz":
+            return real(src, dst, **kw)
+        Path(dst).write_bytes(Path(src).read_bytes()[:50])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", dying_copy)
+    with pytest.raises(OSError, match="No space"):
+        p.collect(tmp_path, {}, None, {}, smp, {}, {})
+    assert (out / "samples.npz").read_bytes() == b"old samples"
+    assert (out / "grid.png").read_bytes() == b"new grid"
+    assert sorted(x.name for x in out.iterdir()) == ["grid.png", "samples.npz"]  # no temp file left
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -56,8 +177,10 @@ def test_main_job_tiny_budget(tmp_path):
     assert "running in" not in r2.stderr and r2.stderr.count("reusing") == 5
     r3 = _run(out, "redo=[sample]")
     assert r3.returncode == 0, r3.stderr[-4000:]
-    assert "stage sample: running" in r3.stderr and "stage eval: reusing" in r3.stderr
+    assert "stage ar: reusing" in r3.stderr and "stage sample: running" in r3.stderr
+    assert "stage eval: running" in r3.stderr  # a redone stage's later stages are redone too
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], d["arr_0"])  # same seed, same samples
+    assert not list(out.glob(".old-*"))  # the replaced results go once the pipeline has finished
 
 
 def test_main_job_bad_override_names_key(tmp_path):

@@ -363,7 +363,7 @@ def test_stats_usage_and_perplexity_on_constructed_case():
     e = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]])
     with torch.no_grad():
         q.books.embed.copy_(e.expand(2, 4, 2))
-    q.eval()
+    q.train()  # the stats count training forwards (see test_eval_forwards_leave_usage_stats_alone)
     # group 0 uses codes 0,0,1,1 (usage 1/2, perplexity 2); group 1 uses 0,1,2,3 (usage 1, ppl 4)
     z = torch.cat([e[[0, 0, 1, 1]], e[[0, 1, 2, 3]]], dim=-1)[None]
     _, codes, _ = q.quantize(z)
@@ -378,6 +378,19 @@ def test_stats_usage_and_perplexity_on_constructed_case():
     assert abs(s["perplexity/g0"] - math.exp(-(p[:2] * p[:2].log()).sum())) < 1e-6
     q.reset_stats()
     assert q.stats()["usage"] == 0.0 and q.stats()["count"] == 0.0
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_eval_forwards_leave_usage_stats_alone(name):
+    q, D, L = make(name)
+    q.train()
+    q.quantize(torch.randn(4, L, D))
+    before = q.stats()
+    assert before["count"] > 0
+    q.eval()
+    with torch.no_grad():
+        q.quantize(torch.randn(8, L, D))  # a held-out PSNR or recon-strip forward between two logs
+    assert q.stats() == before
 
 
 def test_config_validation_errors():

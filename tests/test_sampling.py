@@ -3,7 +3,9 @@
 Uses the real GPT (ar_model) and Tokenizer (tokenizer) at toy sizes: a 2x2 grid, G=2 groups of
 K=16 codes, 8x8 grey images; the GPT's weights are randomised so logits are far from flat.
 """
+import io
 import json
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -11,14 +13,14 @@ import pytest
 import torch
 
 from ar_model.model import GPT, ar_meta, gpt_config
-from groupgen.checkpoint import save_checkpoint
-from groupgen.config import ConfigError, load_config, to_dict
+from groupgen.checkpoint import checkpoint_hash, load_tensors, save_checkpoint
+from groupgen.config import ConfigError, config_hash, load_config, to_dict
 from groupgen.layout import LayoutError
 from sampling.classes import ClassError, builtin_names, resolve_classes, sample_labels
-from sampling.logits import (GroupPicker, GroupSettings, cfg_scale_at, filter_logits, per_group,
+from sampling.logits import (GroupPicker, GroupSettings, cfg_scale_at, draw, filter_logits, per_group,
                              sample_from_logits, top_p_mask)
-from sampling.sample import (SamplingConfig, SamplingError, generate_codes, kv_cache_dtype, load_models, main,
-                             merge_shards, run_shard, sample)
+from sampling.sample import (SamplingConfig, SamplingError, _write_npz, generate_codes, kv_cache_dtype, load_models,
+                             main, merge_shards, run_shard, sample)
 from tokenizer.model import ModelConfig, Tokenizer
 from tokenizer.quantize import QuantizerConfig
 
@@ -121,6 +123,24 @@ def test_top_k_1_and_temperature_0_are_argmax():
     assert torch.equal(sample_from_logits(logits, GroupSettings(top_k=1), g), am)
     assert torch.equal(sample_from_logits(logits, GroupSettings(temperature=0.0), g), am)
     assert torch.equal(sample_from_logits(logits, GroupSettings(top_p=1e-6), g), am)
+
+
+def test_top_k_draws_in_index_order_on_every_path(cpu_kernel_path):
+    """``draw`` spends one random number per kept column, so a seed gives the same tokens on every
+    top-k path (CPU kernel, torch.topk on a GPU / without AVX-512) only if all keep index order."""
+    from ar_model import cpu_kernels
+
+    x = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0))
+    s = GroupSettings(top_k=500)
+    keep = x.topk(500, dim=-1).indices.sort(dim=-1).values       # the k largest, in index order
+    j = draw(x.gather(-1, keep), torch.Generator().manual_seed(1))
+    ref = keep.gather(-1, j.unsqueeze(-1)).squeeze(-1)
+    paths = ([True] if cpu_kernels.kernels() is not None else []) + [False]
+    for kernel in paths:   # the kernel first: cpu_kernel_path(False) lasts for the rest of the test
+        cpu_kernel_path(kernel)
+        kept, idx = filter_logits(x, s)
+        assert torch.equal(idx, keep) and torch.equal(kept, x.gather(-1, keep)), kernel
+        assert torch.equal(sample_from_logits(x, s, torch.Generator().manual_seed(1)), ref), kernel
 
 
 def test_picker_cfg_combination_same_index_both_halves():
@@ -226,6 +246,83 @@ def test_kv_cache_setting_sets_the_cache_dtype(models, monkeypatch):
     assert half.shape == exact.shape and (half == exact).float().mean().item() > 0.9
 
 
+def test_bf16_kv_cache_needs_bf16_compute_not_the_reverse(tmp_path, ckpts):
+    """An fp32 cache under bf16 compute would hold bf16-valued keys and values at twice the memory."""
+    with pytest.raises(ValueError, match="kv_cache=fp32 with precision=bf16.*kv_cache=auto or kv_cache=bf16"):
+        load_config(SamplingConfig, overrides=["precision=bf16", "kv_cache=fp32"])
+    with pytest.raises(ValueError, match="kv_cache=fp32 with precision=bf16"):   # built in Python too
+        sample(SamplingConfig(precision="bf16", kv_cache="fp32"), ckpts["subtoken"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    load_config(SamplingConfig, overrides=["precision=bf16", "kv_cache=bf16"])
+    load_config(SamplingConfig, overrides=["precision=fp32", "kv_cache=bf16"])
+
+
+def test_fp32_sampling_of_a_bf16_checkpoint_computes_in_fp32(tmp_path, ckpts):
+    """precision=fp32 casts bf16 weights up: the codes are those of an fp32 model holding the same
+    (bf16-rounded) values."""
+    sd = load_tensors(ckpts["subtoken"])
+    meta = json.loads((ckpts["subtoken"] / "meta.json").read_text())
+    b16 = save_checkpoint(tmp_path / "b16", 0, {"model": {k: v.bfloat16() for k, v in sd.items()}}, meta)
+    f32 = save_checkpoint(tmp_path / "f32", 0, {"model": {k: v.bfloat16().float() for k, v in sd.items()}}, meta)
+    cfg = SamplingConfig(per_class=2, batch_size=6, cfg_scale=2.0)
+    got, ref = (load_models(ck, cfg=cfg) for ck in (b16, f32))
+    assert {p.dtype for p in got[0].model.parameters()} == {torch.float32}
+    codes = [generate_codes(m.model, torch.from_numpy(plan.labels), plan, cfg, torch.Generator().manual_seed(4), CPU)
+             for m, plan in (got, ref)]
+    assert torch.equal(*codes)
+    m, _ = load_models(b16, cfg=SamplingConfig(precision="bf16"))   # and bf16 still keeps bf16
+    assert {p.dtype for p in m.model.parameters()} == {torch.bfloat16}
+
+
+def test_weights_ema_samples_the_ema_export(tmp_path, ckpts, models):
+    sd = load_tensors(ckpts["independent"])
+    meta = json.loads((ckpts["independent"] / "meta.json").read_text())
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in sd.items()}
+    ck = save_checkpoint(tmp_path / "ar", 0, {"model": sd, "ema": ema}, meta)
+    cfg = load_config(SamplingConfig, overrides=["weights=ema", "per_class=1", "batch_size=3"])
+    m, _ = load_models(ck, cfg=cfg)
+    assert all(torch.equal(v, ema[k]) for k, v in m.model.state_dict().items() if k in ema)
+    assert m.weights == "ema" and m.ckpt_hash == checkpoint_hash(ck, "ema") != checkpoint_hash(ck)
+    out = tmp_path / "out"
+    sample(cfg, m, out)
+    with pytest.raises(SamplingError, match=r"weights.*ckpt_hash"):   # shards of other weights never mix
+        run_shard(SamplingConfig(per_class=1, batch_size=3), ck, out)
+    with pytest.raises(SamplingError, match="preloaded model holds .*'model' weights"):
+        sample(cfg, models["independent"], tmp_path / "x")
+    with pytest.raises(SamplingError, match=r"weights='ema' needs ema.safetensors.*train.ema.*\['model'\]"):
+        sample(cfg, ckpts["independent"], tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(ConfigError, match="weights"):
+        load_config(SamplingConfig, overrides=["weights=best"])
+
+
+def _rewrite_fingerprint(out: Path, edit) -> None:
+    """Rewrite DIR/shards/fingerprint.json as an older version of the sampler wrote it."""
+    f = out / "shards" / "fingerprint.json"
+    fp = json.loads(f.read_text())
+    fp["config"] = edit(dict(fp["config"]))
+    fp["key"] = config_hash({"c": fp["config"], "a": fp["ckpt_hash"], "t": fp["tokenizer_hash"]})
+    f.write_text(json.dumps(fp))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_shards_resume_across_equal_cache_settings_and_older_folders(tmp_path, models, precision):
+    m, out = models["independent"], tmp_path / "out"
+    cfg = SamplingConfig(per_class=1, batch_size=3, precision=precision)
+    assert run_shard(cfg, m, out)["chunks_done"] == [0]
+    # "auto" and the precision's own dtype are one setting
+    assert run_shard(SamplingConfig(per_class=1, batch_size=3, precision=precision, kv_cache=precision),
+                     m, out)["chunks_skipped"] == [0]
+    # a folder from before kv_cache / weights existed, and one that stored kv_cache="auto"
+    for old in (lambda c: {k: v for k, v in c.items() if k not in ("kv_cache", "weights")},
+                lambda c: dict(c, kv_cache="auto")):
+        _rewrite_fingerprint(out, old)
+        assert run_shard(cfg, m, out)["chunks_skipped"] == [0]
+    if precision == "fp32":   # a bf16 cache under fp32 compute makes other samples
+        with pytest.raises(SamplingError, match=r"differ: \['kv_cache'\]"):
+            run_shard(SamplingConfig(per_class=1, batch_size=3, kv_cache="bf16"), m, out)
+
+
 def test_sampling_runs_in_eval_mode_and_restores_the_mode(models):
     """A model left in training mode (dropout, class dropout) samples exactly as in eval mode."""
     cfg = SamplingConfig(per_class=2, batch_size=6)
@@ -301,6 +398,26 @@ def test_sharded_equals_single_and_resume(tmp_path, models):
     cfg.top_p = 0.8
     with pytest.raises(SamplingError, match="top_p"):
         run_shard(cfg, m, sh, rank=0, world=2)
+
+
+def test_write_npz_streams_to_disk_and_reads_back(tmp_path):
+    """The archive goes straight into the file (no in-memory copy of it) and is what np.savez makes."""
+    a = np.arange(48 << 20, dtype=np.uint8).reshape(-1, 1024)   # 48 MiB
+    lab = np.arange(len(a), dtype=np.int64)
+    path = tmp_path / "x.npz"
+    tracemalloc.start()
+    try:
+        _write_npz(path, arr_0=a, labels=lab)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < a.nbytes // 2, f"peak {peak >> 20} MiB while writing a {a.nbytes >> 20} MiB array"
+    buf = io.BytesIO()
+    np.savez(buf, arr_0=a, labels=lab)
+    assert path.read_bytes() == buf.getvalue()
+    with np.load(path) as z:
+        assert np.array_equal(z["arr_0"], a) and np.array_equal(z["labels"], lab)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npz"]   # no temp file left
 
 
 def test_merge_reports_missing_chunks(tmp_path, models):

@@ -303,6 +303,17 @@ def test_trainer_exact_resume(tmp_path):
         train(train_cfg(8, batch_size=4), b)
 
 
+def test_trainer_resume_refuses_changed_optimizer_settings(tmp_path):
+    # the optimizer state saved in the checkpoint holds these values: a resume would keep them silently
+    cfg = train_cfg(2, ckpt_every=2)
+    train(cfg, tmp_path / "r")
+    config_before = (tmp_path / "r" / "config.yaml").read_text()
+    for key, value in (("weight_decay", 0.05), ("disc_lr", 5e-4), ("disc_betas", (0.5, 0.9))):
+        with pytest.raises(Exception, match=rf"config differs \(train.{key}: checkpoint .* vs now"):
+            train(train_cfg(4, ckpt_every=2, **{key: value}), tmp_path / "r")
+    assert (tmp_path / "r" / "config.yaml").read_text() == config_before
+
+
 def test_trainer_nan_stops_and_keeps_last_good(tmp_path, monkeypatch):
     import tokenizer.train as T
     calls = {"n": 0}
@@ -368,3 +379,20 @@ def test_trainer_sigterm_saves_then_exits(tmp_path, monkeypatch):
     assert res["interrupted"] and res["step"] == 2
     assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step_00000002"
     assert signal.getsignal(signal.SIGTERM) == before       # handler restored after train()
+
+
+def test_tokenizer_rfid_uses_the_domain_classifier_of_its_own_data(monkeypatch):
+    """rFID with the domain extractor scores with the classifier trained on the tokenizer's data,
+    and is skipped (with a note saying why) for data that has none."""
+    import eval.fidelity
+    from tokenizer.evaluate import EvalConfig, _rfid
+
+    seen = []
+    monkeypatch.setattr(eval.fidelity, "build_extractor", lambda kind, dev, w="", domain=None, cache="": (
+        seen.append(domain), (_ for _ in ()).throw(RuntimeError("stop")))[1])
+    x = [torch.zeros(2, 1, 32, 32)]
+    cfg = EvalConfig(rfid=True, rfid_extractor="domain")
+    val, note = _rfid(x, x, cfg, torch.device("cpu"), "digits")
+    assert val is None and "stop" in note and seen[-1].dataset == "digits"
+    val, note = _rfid(x, x, cfg, torch.device("cpu"), "imagefolder")
+    assert val is None and "domain classifier exists for ['fmnist', 'digits'] only" in note and len(seen) == 1

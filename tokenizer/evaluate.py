@@ -27,6 +27,8 @@ from .losses import LPIPS, lpips_weights_available
 from .model import load_tokenizer
 from .train import get_batch, parse_cli, psnr_from_mse
 
+DOMAIN_DATASETS = ("fmnist", "digits")   # the datasets eval.domain has a classifier for
+
 
 @dataclass
 class EvalConfig:
@@ -85,16 +87,26 @@ def code_usage(codes: torch.Tensor, K: tuple[int, ...], per_position: bool) -> d
     return out
 
 
-def _rfid(real: list[torch.Tensor], fake: list[torch.Tensor], cfg: "EvalConfig", device) -> tuple[float | None, str]:
-    """rFID via the eval package (imported lazily: stage 1 does not depend on it)."""
+def _rfid(real: list[torch.Tensor], fake: list[torch.Tensor], cfg: "EvalConfig", device,
+          dataset: str) -> tuple[float | None, str]:
+    """rFID via the eval package (imported lazily: stage 1 does not depend on it). The domain
+    extractor is the classifier trained on ``dataset`` (the images' own), which exists for the
+    small datasets only."""
     try:
+        from eval.domain import DomainConfig
         from eval.fidelity import build_extractor
         from eval.reconstruction import rfid
     except Exception as e:  # noqa: BLE001
         return None, f"rFID skipped: eval package not importable ({type(e).__name__}: {e})"
+    domain = None
+    if cfg.rfid_extractor == "domain":
+        if dataset not in DOMAIN_DATASETS:
+            return None, (f"rFID skipped: a domain classifier exists for {list(DOMAIN_DATASETS)} only, the data "
+                          f"is {dataset!r}; use rfid_extractor=inception")
+        domain = DomainConfig(dataset=dataset)
     try:
         with torch.enable_grad():  # a domain extractor may train its classifier on first use
-            ext = build_extractor(cfg.rfid_extractor, device, cfg.inception_weights)
+            ext = build_extractor(cfg.rfid_extractor, device, cfg.inception_weights, domain)
         return float(rfid(torch.cat(real), torch.cat(fake), ext, cfg.batch_size)), ""
     except Exception as e:  # noqa: BLE001  (e.g. no Inception weights offline)
         return None, f"rFID skipped: {type(e).__name__}: {e}"
@@ -143,7 +155,7 @@ def evaluate(ckpt: str | Path, cfg: EvalConfig | None = None) -> dict:
            "lpips": float(torch.cat(lps).mean()) if lps else None,
            **code_usage(codes, tok.layout.K, tok.layout.per_position_codebook)}
     if cfg.rfid:
-        res["rfid"], note = _rfid(real, fake, cfg, device)
+        res["rfid"], note = _rfid(real, fake, cfg, device, data_cfg.name)
         if note:
             notes.append(note)
     res["notes"] = notes

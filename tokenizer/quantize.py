@@ -7,7 +7,7 @@
 * ``q.decode_codes(codes) -> z_q``, bit-for-bit equal to the eval-mode ``quantize`` output.
 * ``q.layout_K()``, ``q.per_position_codebook``; ``q.stats()`` -> ``usage/g{g}``, ``perplexity/g{g}``
   (pertoken: means over tokens), ``usage``, ``perplexity`` (means over groups) and ``count`` (codes
-  counted per slot), over every forward since ``q.reset_stats()``; rank-local under DDP.
+  counted per slot), over every training-mode forward since ``q.reset_stats()``; rank-local under DDP.
 * Trainer hooks, called once per optimizer step: ``q.after_backward()`` right after ``backward()``
   (before ``zero_grad``; accumulates |grad| per code for grad-magnitude resets) and
   ``q.step_end(step)`` after ``optimizer.step()`` with the 1-based global step (dead-code revival
@@ -63,16 +63,6 @@ class QuantizerConfig:
     levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
     fsq_groups: int = 1              # fsq: split channels into this many sub-indices
     lfq_split: list[int] = field(default_factory=list)  # lfq: bits per sub-index, [] = one index
-
-    def num_groups(self) -> int:
-        """G of the token layout this config produces."""
-        if self.kind == "pertoken":
-            return 1
-        if self.kind == "fsq":
-            return self.fsq_groups
-        if self.kind == "lfq":
-            return max(1, len(self.lfq_split))
-        return self.groups
 
     def keep_probs(self) -> list[float]:
         """P(keep k groups), k = 1..G. Default: MGVQ's release for G=4 (0.2/0.1/0.1/0.6); for other
@@ -453,9 +443,9 @@ class VectorQuantizer(Quantizer):
                 losses.update(entropy=ent, sample_entropy=s_ent, codebook_entropy=c_ent)
                 total = total + cfg.entropy_weight * ent
             losses["vq"] = total
-            if self.training:
+            if self.training:  # eval forwards (held-out PSNR, recon strips) stay out of the training stats
                 self.books.observe(xk.detach(), idx[:keep])
-            self.tracker.update(idx[:keep])
+                self.tracker.update(idx[:keep])
             # straight-through: forward value is exactly q (x - x.detach() == 0), gradient goes to x
             out = self._finish(q.detach() + (x - x.detach()), keep)
             out = self._from_slots(out, B, L)

@@ -55,7 +55,8 @@ class ResidualVQ(Quantizer):
                 r = r - q.detach()
                 idxs.append(idx)
             idx = torch.cat(idxs, 0)  # [G, N]
-            self.tracker.update(idx)
+            if self.training:  # usage stats count training forwards only
+                self.tracker.update(idx)
             cb, commit = cb / self.G, commit / self.G
             losses = {"codebook": cb, "commitment": commit,
                       "vq": cfg.codebook_weight * cb + cfg.beta * commit}
@@ -118,7 +119,8 @@ class _ChannelCodes(Quantizer):
         return (codes.long()[..., self.gid] // self.basis) % self.radix
 
     def _track(self, codes: torch.Tensor) -> None:
-        self.tracker.update(codes.reshape(-1, codes.shape[-1]).t())
+        if self.training:  # usage stats count training forwards only
+            self.tracker.update(codes.reshape(-1, codes.shape[-1]).t())
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         self._check_codes(codes)

@@ -78,8 +78,10 @@ class TokenizerTrainConfig:
                               f"{self.model.channels}x{self.model.image_size}^2 (set model.image_size/channels)")
 
 
-# sections whose change makes a resume something else than a continuation
-_RESUME_KEYS = ("data", "model", "quantizer", "loss", "train.batch_size", "train.seed", "train.lr", "train.betas")
+# sections whose change makes a resume something else than a continuation; the optimizer settings are
+# among them because the saved optimizer state carries its own values and would silently win
+_RESUME_KEYS = ("data", "model", "quantizer", "loss", "train.batch_size", "train.seed", "train.lr", "train.betas",
+                "train.weight_decay", "train.disc_lr", "train.disc_betas")
 
 
 def parse_cli(description: str, extra=None):
