@@ -47,14 +47,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
+def _atomic_replace(path: Path, fill) -> None:
+    """``fill(tmp)`` writes a temporary file beside ``path``; it is fsynced and renamed over ``path``,
+    so ``path`` is old or new, never torn; the temporary file is removed on any failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
+        _fsync_file(Path(tmp))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -63,20 +63,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_write_text(path: str | Path, text: str) -> None:
+    _atomic_replace(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
 def atomic_copyfile(src: str | Path, dst: str | Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file and a rename: ``dst`` is old or new, never torn."""
-    dst = Path(dst)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        _fsync_file(Path(tmp))
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Copy ``src`` to ``dst`` atomically (a temporary copy, then a rename)."""
+    _atomic_replace(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
 
 
 def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
