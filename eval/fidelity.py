@@ -283,8 +283,9 @@ def load_image_folder(root: str | Path, hw: tuple[int, int], n: int = 0) -> np.n
     files = sorted(f for f in Path(root).rglob("*") if f.suffix.lower() in IMG_EXTS)
     if not files:
         raise EvalError(f"reference folder {str(root)!r} holds no images ({sorted(IMG_EXTS)})")
-    out = np.empty((len(seeded_subset(len(files), n)), hw[0], hw[1], 3), np.uint8)
-    for i, j in enumerate(seeded_subset(len(files), n)):
+    idx = seeded_subset(len(files), n)
+    out = np.empty((len(idx), hw[0], hw[1], 3), np.uint8)
+    for i, j in enumerate(idx):
         try:
             with Image.open(files[j]) as im:
                 im = im.convert("RGB")

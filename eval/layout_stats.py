@@ -73,31 +73,23 @@ def position_entropy(codes: np.ndarray, K: tuple[int, ...]) -> np.ndarray:
 
 
 def group_stats(codes: np.ndarray, K: tuple[int, ...], per_position: bool = False) -> dict:
-    """Per group: entropy of the code marginal over positions, codebook usage and perplexity.
+    """Per group: entropy of the code marginal over positions, codebook usage and perplexity
+    (``eval.reconstruction.codebook_usage``).
 
     With a shared codebook, usage / perplexity are those of the pooled histogram. With one codebook
     per position (QG-VAE) code i at two positions are different vectors, so ``usage`` /
     ``perplexity`` are means over positions of each position's own codebook (a model emitting one
     code per position uses 1/K of each), and the pooled figures stay only as ``marginal_*``."""
-    ent, usage, ppl = [], [], []
-    for g, k in enumerate(K):
-        hist = np.bincount(codes[..., g].ravel(), minlength=k)
-        h = float(entropy_bits(hist))
-        ent.append(h)
-        usage.append(float((hist > 0).mean()))
-        ppl.append(2 ** h)
-    out = {"group_entropy_bits": ent, "max_bits": [math.log2(k) for k in K],
+    from .reconstruction import codebook_usage
+
+    pooled = codebook_usage(codes, K)
+    out = {"group_entropy_bits": pooled["entropy_bits"], "max_bits": [math.log2(k) for k in K],
            "codebooks": "per_position" if per_position else "shared"}
     if not per_position:
-        return {**out, "usage": usage, "perplexity": ppl}
-    L = codes.shape[1]
-    pos_usage, pos_ppl = [], []
-    for g, k in enumerate(K):
-        flat = (np.arange(L)[None, :] * k + codes[:, :, g]).ravel()
-        hist = np.bincount(flat, minlength=L * k).reshape(L, k)
-        pos_usage.append(float((hist > 0).mean(1).mean()))
-        pos_ppl.append(float(np.mean(2 ** entropy_bits(hist))))
-    return {**out, "usage": pos_usage, "perplexity": pos_ppl, "marginal_usage": usage, "marginal_perplexity": ppl}
+        return {**out, "usage": pooled["usage"], "perplexity": pooled["perplexity"]}
+    own = codebook_usage(codes, K, per_position=True)
+    return {**out, "usage": own["usage"], "perplexity": own["perplexity"],
+            "marginal_usage": pooled["usage"], "marginal_perplexity": pooled["perplexity"]}
 
 
 def codes_to_text(codes: np.ndarray, K: tuple[int, ...]) -> list[str]:
