@@ -1,4 +1,4 @@
-"""Decode attention on the CPU: SDPA vs ``ar_model.cpu_kernels``'s kernel, at GPT-B's shapes.
+"""Decode attention on the CPU: SDPA vs ``ar_model.cpu.kernels``'s kernel, at GPT-B's shapes.
 
     python bench/decode_attention.py [--quick] [--json out.json]
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_kernels
+from ar_model.cpu import kernels as cpu_kernels
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,4 @@
-"""Why ``ar_model.layers.Linear`` exists: ``F.linear`` vs prepacked weights at decode sizes.
+"""Why ``ar_model.cpu.nn_ops.decode_linear`` exists: ``F.linear`` vs prepacked weights at decode sizes.
 
     python bench/decode_linear.py [--quick] [--json out.json]
 
@@ -8,9 +8,9 @@ memory) run for a few row counts, without autograd:
 - ``F.linear``: PyTorch's CPU GEMM, which brings the weight into its blocked layout on every call;
 - ``packed``: the weight packed once into the library GEMM's layout (MKL packed sgemm for fp32,
   oneDNN for bf16) and reused;
-- ``kernel`` (where ``ar_model.cpu_kernels`` is built): groupgen's GEMM on its own packed layout,
+- ``kernel`` (where ``ar_model.cpu.kernels`` is built): groupgen's GEMM on its own packed layout,
   AVX-512 for fp32; bf16 up to 32 rows, on AMX where the CPU and OS allow it, else on AVX-512F.
-``Linear.path`` picks ``kernel`` in ``cpu_kernels.linear_min_rows(dtype)..Linear.KERNEL_MAX_ROWS``
+``nn_ops.linear_path`` picks ``kernel`` in ``cpu_kernels.linear_min_rows(dtype)..nn_ops.KERNEL_MAX_ROWS``
 rows, ``packed`` otherwise in its row range. Packing happens in the warmup. Cases interleaved;
 milliseconds per whole step (median); ratios are F.linear / case; GB/s = weight bytes / median time.
 """
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_kernels
-from ar_model.layers import _pack_weight, _packed_mm
+from ar_model.cpu import kernels as cpu_kernels
+from ar_model.cpu.nn_ops import _pack_weight, _packed_mm
 
 GPT_B = [(2304, 768), (768, 768), (4096, 768), (768, 2048)] * 12 + [(16384, 768)]
 MICRO = [(192, 64), (64, 64), (256, 64), (64, 128)] * 2 + [(512, 64)]

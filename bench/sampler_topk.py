@@ -1,4 +1,4 @@
-"""The sampler's top-k filter on the CPU: ``torch.topk`` vs ``ar_model.cpu_kernels.topk``.
+"""The sampler's top-k filter on the CPU: ``torch.topk`` vs ``ar_model.cpu.kernels.topk``.
 
     python bench/sampler_topk.py [--quick] [--json out.json]
 
@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_kernels
+from ar_model.cpu import kernels as cpu_kernels
 
 SHAPES = [(8, 16384, 2000), (8, 2048, 256)]
 QUICK = [(2, 64, 8)]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_parser, interleave, machine_info, median, parse_bench_args, spread, write_json
 
-from ar_model import cpu_kernels, cpu_train_ops
+from ar_model.cpu import kernels as cpu_kernels, train_ops as cpu_train_ops
 from ar_model.layers import RMSNorm, apply_rope
 
 FULL = dict(tokens=2048, batch=8, dim=768, hidden=2048, heads=12, head_dim=64, vocab=16384)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ar_model import cpu_kernels
+from ar_model.cpu import dispatch
 
 
 def per_group(value, G: int, name: str) -> list:
@@ -74,7 +74,7 @@ def filter_logits(logits: torch.Tensor, s: GroupSettings) -> tuple[torch.Tensor,
             # the same (index) order for a seed to give the same tokens everywhere: the CPU kernel
             # (~7x faster than torch.topk) returns them so; torch.topk does not, so its k indices
             # are sorted after it (together about the cost of a value-sorted torch.topk).
-            picked = cpu_kernels.topk(logits, s.top_k)
+            picked = dispatch.topk(logits, s.top_k)
             if picked is not None:
                 logits, idx = picked
             else:

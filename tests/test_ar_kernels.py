@@ -4,9 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ar_model.loss as ar_loss
-from ar_model import GPT, cpu_kernels, gpt_config
-from ar_model.layers import _MatmulCausalAttention, causal_attention
+import ar_model.cpu.nn_ops as cpu_nn_ops
+from ar_model import GPT, gpt_config
+from ar_model.cpu import kernels as cpu_kernels
+from ar_model.cpu.nn_ops import _MatmulCausalAttention
+from ar_model.layers import causal_attention
 from ar_model.loss import cross_entropy
 from groupgen.layout import TokenLayout
 
@@ -76,7 +78,7 @@ def ce_path(request, cpu_kernel_path):
 @pytest.mark.parametrize("V", [13, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_entropy_equals_f_cross_entropy(dtype, V, ce_path, monkeypatch):
-    monkeypatch.setattr(ar_loss, "BLOCK_ELEMS", 40)   # blocked: a few rows a block, many blocks and a tail
+    monkeypatch.setattr(cpu_nn_ops, "BLOCK_ELEMS", 40)   # blocked: a few rows a block, many blocks and a tail
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(37, V, generator=g)).to(dtype).requires_grad_()
     t = torch.randint(0, V, (37,), generator=g)
@@ -98,7 +100,7 @@ def test_cross_entropy_equals_f_cross_entropy(dtype, V, ce_path, monkeypatch):
     assert torch.allclose(2 * gx.double(), x.grad.double(), atol=tol)
 
 
-@pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+@pytest.mark.usefixtures("kernels_built")
 def test_cross_entropy_kernel_nan_rows_targets_and_thread_count(count_taken):
     calls = count_taken(cpu_kernels, ["kernels"])
     g = torch.Generator().manual_seed(1)
@@ -152,9 +154,9 @@ def test_bf16_training_step_close_to_sdpa_and_f_cross_entropy(monkeypatch):
         return loss.item(), torch.cat([p.grad.flatten() for p in m.parameters()])
 
     fast_loss, fast_g = loss_and_grads()
-    import ar_model.layers as layers
+    import ar_model.cpu.nn_ops as nn_ops
     import ar_model.model as model
-    monkeypatch.setattr(layers, "MATMUL_ATTENTION_MAX_T", 0)
+    monkeypatch.setattr(nn_ops, "MATMUL_ATTENTION_MAX_T", 0)
     monkeypatch.setattr(model, "cross_entropy", lambda lg, t: F.cross_entropy(lg.float(), t.long()))
     ref_loss, ref_g = loss_and_grads()
     assert abs(fast_loss - ref_loss) < 2e-3

@@ -338,7 +338,7 @@ def test_grad_accum_matches_one_big_batch(store, tmp_path):
 def test_bf16_training_on_the_cpu_kernels_learns(tmp_path, count_taken):
     """DeepSpeed's bf16 mode on the CPU (bf16 weights, autocast) runs its linears, RoPE and SwiGLU
     on groupgen's training kernels (8 x 64 = 512 rows per step) and still learns."""
-    from ar_model import cpu_kernels, cpu_train_ops
+    from ar_model.cpu import kernels as cpu_kernels, train_ops as cpu_train_ops
     if cpu_kernels.kernels() is None:
         pytest.skip(f"CPU kernels unavailable: {cpu_kernels.unavailable_reason()}")
     calls = count_taken(cpu_train_ops, ["linear", "rope", "swiglu"])

@@ -2,7 +2,7 @@
 between benchmark sessions. No timing is asserted."""
 import pytest
 
-from ar_model import cpu_kernels
+from ar_model.cpu import kernels as cpu_kernels
 from bench import decode_attention, decode_linear, sampler_topk, train_kernels
 
 

@@ -1,19 +1,26 @@
-"""groupgen's AVX-512 / AMX decode kernels (ar_model/cpu_decode*.cpp): the fp32 and bf16 GEMMs (both bf16
+"""groupgen's AVX-512 / AMX decode kernels (ar_model/cpu/csrc/cpu_decode*.cpp): the fp32 and bf16 GEMMs (both bf16
 paths: AMX and AVX-512F) and the decode attention against fp64 references, the top-k selection against
 torch.topk, their use by Linear, Attention.step and the sampler, and the fallback when unbuilt."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_model import GPT, cpu_kernels, gpt_config
-from ar_model.layers import _PACKED, Linear
+from ar_model import GPT, gpt_config
+from ar_model.cpu import kernels as cpu_kernels
+from ar_model.cpu import nn_ops
+from ar_model.cpu.nn_ops import _PACKED
+from ar_model.layers import Linear
 from groupgen.layout import TokenLayout
 
-needs_avx512 = pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+# Tests that run the kernels skip where they are not built (no AVX-512F or compiler, or
+# GROUPGEN_CPU_KERNELS=0); routing tests simulate each CPU kind instead (``simulated_cpu``).
+needs_kernels = pytest.mark.usefixtures("kernels_built")
 
 
 def _amx_here() -> bool:
-    return cpu_kernels._cpu_has_avx512f() and cpu_kernels.amx_bf16()
+    return cpu_kernels.amx_bf16()
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -26,13 +33,16 @@ def no_kernels(cpu_kernel_path):
     cpu_kernel_path(False)
 
 
-@needs_avx512
+@pytest.mark.skipif(os.environ.get("GROUPGEN_CPU_KERNELS", "1") == "0", reason="kernels turned off")
 def test_kernels_build_on_an_avx512_cpu():
+    if not cpu_kernels._read_cpu_profile().avx512f:
+        assert cpu_kernels.kernels() is None and "AVX-512F" in cpu_kernels.unavailable_reason()
+        return
     assert cpu_kernels.kernels() is not None, cpu_kernels.unavailable_reason()
     assert cpu_kernels.unavailable_reason() == ""
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("n,k", [(80, 48), (37, 33), (16, 768)])
 def test_linear_kernel_equals_fp64_reference(n, k):
     g = torch.Generator().manual_seed(0)
@@ -48,7 +58,7 @@ def test_linear_kernel_equals_fp64_reference(n, k):
             assert _rel(y, ref) < 2e-6
 
 
-@needs_avx512
+@needs_kernels
 def test_kernels_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(200, 64, generator=g), torch.randn(16, 64, generator=g)
@@ -71,7 +81,7 @@ def test_kernels_do_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
-@needs_avx512
+@needs_kernels
 def test_linear_kernel_rejects_mismatched_shapes():
     packed = cpu_kernels.pack(torch.randn(32, 16))
     with pytest.raises(RuntimeError, match="does not fit"):
@@ -82,7 +92,7 @@ def test_linear_kernel_rejects_mismatched_shapes():
         cpu_kernels.linear(torch.randn(4, 16), packed, torch.randn(31), 32)
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d,h,hk", [(64, 12, 12), (16, 4, 2), (128, 2, 1), (32, 3, 3)])
 def test_decode_attention_equals_sdpa(dtype, d, h, hk):
@@ -105,7 +115,7 @@ def test_decode_attention_equals_sdpa(dtype, d, h, hk):
 
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rising", [True, False])
 def test_decode_attention_online_softmax_survives_large_and_shifting_scores(dtype, rising):
@@ -127,7 +137,7 @@ def test_decode_attention_online_softmax_survives_large_and_shifting_scores(dtyp
         assert torch.isfinite(o).all()
         assert _rel(o, ref) < (1e-6 if dtype == torch.float32 else 8e-3)
 
-@needs_avx512
+@needs_kernels
 def test_decode_attention_leaves_unsupported_cases_to_sdpa():
     q, kc = torch.randn(2, 2, 1, 24), torch.randn(2, 2, 9, 24)
     assert cpu_kernels.attention(q, kc, kc, 5) is None                     # head_dim 24
@@ -149,7 +159,7 @@ def _bf16_linear(path: str):
     return lambda x, packed, bias, n: torch.ops.groupgen.linear_bf16_fma(x.contiguous(), packed, bias, n)
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("path", ["amx", "fma"])
 @pytest.mark.parametrize("n,k", [(80, 48), (37, 33), (2048, 256), (16, 768)])
 def test_bf16_linear_matches_fp64_like_onednn(path, n, k):
@@ -168,7 +178,7 @@ def test_bf16_linear_matches_fp64_like_onednn(path, n, k):
             assert _rel(y, ref) <= 1.1 * _rel(F.linear(x, w, bias), ref) + 1e-4
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("path", ["amx", "fma"])
 def test_bf16_linear_errors_and_leaves_onednn_intact(path):
     linear = _bf16_linear(path)
@@ -183,7 +193,7 @@ def test_bf16_linear_errors_and_leaves_onednn_intact(path):
     with pytest.raises(RuntimeError, match="bias"):
         linear(torch.randn(4, 96).bfloat16(), packed, torch.zeros(63).bfloat16(), 64)
     # oneDNN configures the AMX tiles itself: its results are the same after our kernel ran
-    from ar_model.layers import _pack_weight, _packed_mm
+    from ar_model.cpu.nn_ops import _pack_weight, _packed_mm
     x = torch.randn(16, 96).bfloat16()
     onednn = _pack_weight(w, 16)
     if onednn is None:
@@ -194,7 +204,7 @@ def test_bf16_linear_errors_and_leaves_onednn_intact(path):
     assert torch.equal(before, after) and _rel(ours, F.linear(x.double(), w.double())) < 4e-3
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [768, 64, 40])
 def test_pointwise_rms_norm_equals_the_pytorch_formulation(dtype, D):
@@ -220,7 +230,7 @@ def test_pointwise_rms_norm_equals_the_pytorch_formulation(dtype, D):
     assert cpu_kernels.rms_norm(torch.randn(2, D).to(dtype).requires_grad_(), norm.weight, 1e-5) is None
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 16, 24, 128])
 def test_pointwise_rope_equals_apply_rope(dtype, D):
@@ -245,7 +255,7 @@ def test_pointwise_rope_equals_apply_rope(dtype, D):
     assert cpu_kernels.rope(torch.randn(1, 2, 3, D), cos, sin) is None      # autograd on: PyTorch's ops
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H", [2048, 704, 19])
 def test_pointwise_swiglu_equals_silu_times_up(dtype, H):
@@ -275,7 +285,7 @@ def _check_topk(x: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor) 
         assert torch.equal(taken, (x[r] == thr).nonzero().flatten()[: len(taken)])
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("K,k", [(2048, 256), (16384, 2000), (37, 5), (16, 16), (1000, 1), (33, 32)])
 def test_topk_kernel_selects_the_k_largest_in_index_order(K, k):
     g = torch.Generator().manual_seed(K + k)
@@ -291,7 +301,7 @@ def test_topk_kernel_selects_the_k_largest_in_index_order(K, k):
     _check_topk(x.float().reshape(6, K), k, vals.float().reshape(6, k), idx.reshape(6, k))
 
 
-@needs_avx512
+@needs_kernels
 def test_topk_kernel_errors_and_unsupported_cases():
     x = torch.randn(3, 50)
     x[1, 7] = float("nan")
@@ -306,54 +316,71 @@ def test_topk_is_none_without_kernels(no_kernels):
     assert cpu_kernels.topk(torch.randn(3, 50), 4) is None
 
 
-@needs_avx512
+@needs_kernels
 def test_linear_takes_the_kernel_up_to_its_row_limit():
     lin = Linear(48, 80, bias=True)
     with torch.no_grad():
-        for rows, kernel in [(16, True), (Linear.KERNEL_MAX_ROWS, True), (Linear.KERNEL_MAX_ROWS + 1, False)]:
+        for rows, kernel in [(16, True), (nn_ops.KERNEL_MAX_ROWS, True), (nn_ops.KERNEL_MAX_ROWS + 1, False)]:
             x = torch.randn(rows, 48)
             y = lin(x)
             assert (_PACKED[lin][0][3] == "kernel") == kernel
             assert _rel(y, F.linear(x.double(), lin.weight.double(), lin.bias.double())) < 2e-6
-    assert Linear.path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)   # oneDNN's GEMV wins without AMX
+    assert nn_ops.linear_path(torch.bfloat16, 1) == ("kernel" if _amx_here() else None)   # oneDNN's GEMV wins without AMX
     bf16_kernel = "kernel" if cpu_kernels.linear_supports(torch.bfloat16) else "packed"
-    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, 16) == bf16_kernel
-    assert Linear.path(torch.bfloat16, 33) == "packed" and Linear.path(torch.float32, 2) is None
+    assert nn_ops.linear_path(torch.bfloat16, 2) == nn_ops.linear_path(torch.bfloat16, 16) == bf16_kernel
+    assert nn_ops.linear_path(torch.bfloat16, 33) == "packed" and nn_ops.linear_path(torch.float32, 2) is None
 
 
-@needs_avx512
-@pytest.mark.parametrize("amx", [True, False])
-def test_bf16_rows_route_by_the_gemm_this_cpu_runs(amx, monkeypatch):
-    """bf16 takes the kernel from 1 row on AMX and from 2 rows on the AVX-512F path (below, oneDNN's
-    GEMV is faster); fp32 from 4 rows; nothing above KERNEL_MAX_ROWS."""
-    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: amx)
-    monkeypatch.setattr(cpu_kernels, "bf16_fma_preferred", lambda: True)
-    assert cpu_kernels.linear_min_rows(torch.bfloat16) == (1 if amx else 2)
-    assert cpu_kernels.linear_min_rows(torch.float32) == 4 and cpu_kernels.linear_min_rows(torch.float16) is None
-    assert Linear.path(torch.bfloat16, 1) == ("kernel" if amx else None)
-    assert Linear.path(torch.bfloat16, 2) == Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS) == "kernel"
-    assert Linear.path(torch.bfloat16, Linear.KERNEL_MAX_ROWS + 1) == "packed"
+# Routing on each CPU kind README names: (kernels built, AMX, bf16 FMA path preferred, bf16 kernel from
+# rows, paths of a bf16 linear at 1 / 2 / 16 / 33 rows, of an fp32 one at 2 / 16 rows, bf16 weight
+# gradient on the kernel). Without AMX, oneDNN's single-row bf16 GEMV beats the FMA path; AMD's fast
+# vdpbf16ps keeps oneDNN for bf16 until the FMA path is measured there; fp32 takes the kernel from 4
+# rows wherever it is built; nothing above KERNEL_MAX_ROWS.
+ROUTES = {
+    "intel_amx": (True, True, True, 1, ("kernel", "kernel", "kernel", "packed"), (None, "kernel"), True),
+    "intel_avx512": (True, False, True, 2, (None, "kernel", "kernel", "packed"), (None, "kernel"), False),
+    "amd_zen4": (True, False, False, None, (None, "packed", "packed", "packed"), (None, "kernel"), False),
+    "no_avx512": (False, False, None, None, (None, "packed", "packed", "packed"), (None, "packed"), False),
+}
 
 
-@needs_avx512
-def test_bf16_without_amx_keeps_onednn_where_the_fma_path_is_unmeasured(monkeypatch):
-    """Without AMX the FMA path is taken on Intel CPUs and CPUs without AVX512-BF16; other vendors'
-    AVX512-BF16 (e.g. AMD Zen 4/5, whose vdpbf16ps is fast) keep oneDNN."""
-    monkeypatch.setattr(cpu_kernels, "amx_bf16", lambda: False)
-    monkeypatch.setattr(cpu_kernels, "_state", dict(cpu_kernels._state))   # the real CPU's cached answer returns after
-    for vendor, flags, fma in [("GenuineIntel", {"avx512f", "avx512_bf16"}, True),
-                               ("AuthenticAMD", {"avx512f", "avx512_bf16"}, False),
-                               ("AuthenticAMD", {"avx512f"}, True)]:
-        monkeypatch.setattr(cpu_kernels, "_cpu_vendor_and_flags", lambda v=vendor, f=flags: (v, f))
-        cpu_kernels._state.pop("fma_preferred", None)
+@pytest.mark.parametrize("kind", sorted(ROUTES))
+def test_routing_on_each_cpu_kind(kind, simulated_cpu, monkeypatch):
+    """Decided from the simulated CPU's vendor and flags, whatever CPU runs the test (the kernels'
+    build stands in as a placeholder: routing never calls them here)."""
+    built, amx, fma, bf16_from, bf16_paths, fp32_paths, wgrad = ROUTES[kind]
+    monkeypatch.delenv("GROUPGEN_CPU_KERNELS", raising=False)   # the CPU decides, not the switch
+    simulated_cpu(kind)
+    if built:
+        monkeypatch.setattr(cpu_kernels, "kernels", lambda: object())
+    else:
+        assert cpu_kernels.kernels() is None and cpu_kernels.unavailable_reason() == "this CPU has no AVX-512F"
+    assert cpu_kernels.amx_bf16() == amx
+    if fma is not None:
         assert cpu_kernels.bf16_fma_preferred() == fma
-        assert cpu_kernels.linear_supports(torch.bfloat16) == fma
-        assert Linear.path(torch.bfloat16, 16) == ("kernel" if fma else "packed")
+    assert cpu_kernels.linear_min_rows(torch.bfloat16) == bf16_from
+    assert cpu_kernels.linear_min_rows(torch.float32) == (4 if built else None)
+    assert cpu_kernels.linear_min_rows(torch.float16) is None
+    assert tuple(nn_ops.linear_path(torch.bfloat16, r) for r in (1, 2, 16, nn_ops.KERNEL_MAX_ROWS + 1)) == bf16_paths
+    assert tuple(nn_ops.linear_path(torch.float32, r) for r in (2, 16)) == fp32_paths
+    g = torch.zeros(4, 1024, dtype=torch.bfloat16)
+    assert cpu_kernels.weight_grad_supported(g, g) == wgrad
+    if not built:   # every entry point keeps PyTorch's op
+        assert cpu_kernels.topk(torch.randn(2, 50), 4) is None
+        assert cpu_kernels.attention(torch.randn(1, 1, 1, 16), torch.randn(1, 1, 4, 16), torch.randn(1, 1, 4, 16), 2) is None
+
+
+def test_simulated_cpu_returns_to_this_machine(simulated_cpu):
+    real = cpu_kernels._read_cpu_profile()
+    simulated_cpu("no_avx512")
+    assert cpu_kernels.cpu_profile() == cpu_kernels.CPU_KINDS["no_avx512"] and cpu_kernels.kernels() is None
+    simulated_cpu(None)
+    assert cpu_kernels.cpu_profile() == real
 
 
 def test_no_kernel_rows_without_kernels(no_kernels):
     assert all(cpu_kernels.linear_min_rows(d) is None for d in (torch.float32, torch.bfloat16))
-    assert Linear.path(torch.bfloat16, 16) == "packed" and Linear.path(torch.float32, 16) == "packed"
+    assert nn_ops.linear_path(torch.bfloat16, 16) == "packed" and nn_ops.linear_path(torch.float32, 16) == "packed"
 
 
 def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -368,7 +395,7 @@ def _decode_logits(m: GPT, labels: torch.Tensor, codes: torch.Tensor) -> torch.T
     return torch.stack(out, 1)
 
 
-@needs_avx512
+@needs_kernels
 @pytest.mark.parametrize("extra", [{}, dict(n_kv_head=2)])
 def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, count_taken, cpu_kernel_path):
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
@@ -394,8 +421,8 @@ def test_gpt_decoding_with_kernels_equals_pytorch_ops(extra, count_taken, cpu_ke
     assert (with_kernels - full).abs().max().item() < 1e-5
 
 
-@needs_avx512
-def test_bf16_gpt_decoding_with_the_kernel_is_as_accurate_as_onednn(monkeypatch, cpu_kernel_path):
+@needs_kernels
+def test_bf16_gpt_decoding_with_the_kernel_is_as_accurate_as_onednn(monkeypatch, cpu_kernel_path, simulated_cpu):
     """The bf16 decode GEMM (AMX where allowed, else AVX-512F) against oneDNN, in a whole model."""
     lay = TokenLayout("grid", 9, (7, 5), 3, 3)
     cfg = gpt_config("micro", dim=64, n_head=4, n_layer=2)
@@ -409,6 +436,8 @@ def test_bf16_gpt_decoding_with_the_kernel_is_as_accurate_as_onednn(monkeypatch,
     labels = torch.tensor([0, 1, 2, 1, 0, 2, 1, 1])
     codes = torch.stack([torch.randint(0, k, (8, lay.L)) for k in lay.K], -1)
     ref = _decode_logits(m, labels, codes).double()                      # fp32 model: the reference
+    if not cpu_kernels.linear_supports(torch.bfloat16):
+        simulated_cpu("intel_avx512")   # e.g. AMD: route bf16 to the AVX-512F kernel as Intel would
     mb = m.to(torch.bfloat16)
     calls = {"bf16": 0}
     def counted(x, *a, _f=cpu_kernels.linear):
@@ -428,8 +457,8 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch):
         raise RuntimeError("no compiler here")
     monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ext": None, "why": ""})
     monkeypatch.setattr(cpu_kernels, "_build", broken)
-    monkeypatch.setattr(cpu_kernels, "_cpu_has_avx512f", lambda: True)
-    monkeypatch.setattr(cpu_kernels.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_kernels, "_read_cpu_profile", lambda: cpu_kernels.CPU_KINDS["amd_zen4"])
+    monkeypatch.setitem(cpu_kernels._state, "profile", cpu_kernels.CPU_KINDS["amd_zen4"])
     monkeypatch.delenv("GROUPGEN_CPU_KERNELS", raising=False)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         assert cpu_kernels.kernels() is None

@@ -1,4 +1,4 @@
-"""groupgen's CPU training kernels (ar_model/cpu_train.cpp via ar_model/cpu_train_ops.py): the bf16
+"""groupgen's CPU training kernels (ar_model/cpu/csrc/cpu_train.cpp via ar_model/cpu/train_ops.py): the bf16
 transpose and weight gradient, and the RMSNorm / RoPE / SwiGLU forward and backward passes, each
 against the PyTorch formulation in ar_model/layers.py (autograd's gradients, fp64 references);
 their use by a GPT training step, thread-count invariance, and the fallback when unbuilt."""
@@ -6,17 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ar_model import GPT, cpu_kernels, cpu_train_ops, gpt_config
+from ar_model import GPT, gpt_config
+from ar_model.cpu import kernels as cpu_kernels, train_ops as cpu_train_ops
 from ar_model.layers import Linear, RMSNorm, apply_rope
 from groupgen.layout import TokenLayout
 
-pytestmark = pytest.mark.skipif(not cpu_kernels._cpu_has_avx512f(), reason="this CPU has no AVX-512F")
+pytestmark = pytest.mark.usefixtures("kernels_built")   # skipped where the kernels are not built
 BF16_ULP = 2.0 ** -8   # relative spacing of bf16 values (8 significant bits)
-
-
-@pytest.fixture(autouse=True)
-def built():
-    assert cpu_kernels.kernels() is not None, cpu_kernels.unavailable_reason()   # registers torch.ops.groupgen
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -128,7 +128,7 @@ def test_top_k_1_and_temperature_0_are_argmax():
 def test_top_k_draws_in_index_order_on_every_path(cpu_kernel_path):
     """``draw`` spends one random number per kept column, so a seed gives the same tokens on every
     top-k path (CPU kernel, torch.topk on a GPU / without AVX-512) only if all keep index order."""
-    from ar_model import cpu_kernels
+    from ar_model.cpu import kernels as cpu_kernels
 
     x = torch.randn(8, 4096, generator=torch.Generator().manual_seed(0))
     s = GroupSettings(top_k=500)
@@ -375,7 +375,7 @@ def test_sharded_equals_single_and_resume(tmp_path, models):
     m = models["independent"]
     cfg = SamplingConfig(num_samples=10, classes="random", batch_size=3, cfg_scale=1.5, top_p=0.9, seed=3)
     single = tmp_path / "single"
-    from ar_model.layers import _PACKED
+    from ar_model.cpu.nn_ops import _PACKED
     sample(cfg, m, single, rank=0, world=1)
     assert not any(x in _PACKED for x in m.model.modules())   # packs kept across chunks, freed at the end
     ref = _npz(single / "samples.npz")

@@ -22,6 +22,11 @@ Decode kernels, for inference only:
   [8, 16384], k = 2000: torch.topk 1.0-1.5 ms, this kernel 0.14-0.20 ms; [8, 2048], k = 256:
   0.18-0.25 vs 0.05-0.08 ms (``bench/sampler_topk.py``).
 
+Routing decisions read one ``CpuProfile`` (vendor, flags, architecture): the real CPU's from
+/proc/cpuinfo, or a simulated one (``simulate_cpu``) so that tests check every CPU kind's routing
+on whatever machine they run: Intel with AMX, Intel AVX-512 without AMX, AMD Zen 4/5 (AVX512-BF16),
+and a CPU without AVX-512.
+
 The build needs x86-64 with AVX-512F, a C++ compiler and ninja (``torch.utils.cpp_extension``,
 which DeepSpeed's JIT ops use too). It is cached under ``TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) in a directory named by a hash of the source and its path, so an
@@ -36,25 +41,48 @@ import os
 import platform
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp",
-                                                    "cpu_train.cpp")]
-HEADERS = [Path(__file__).with_name("cpu_simd.h")]   # hashed with the sources (a change rebuilds)
+_CSRC = Path(__file__).with_name("csrc")
+SOURCES = [_CSRC / f for f in ("cpu_decode.cpp", "cpu_decode_amx.cpp", "cpu_decode_pointwise.cpp", "cpu_train.cpp")]
+HEADERS = [_CSRC / "cpu_simd.h"]   # hashed with the sources (a change rebuilds)
 # Pointwise kernels take inputs of at most this many rows (decode steps); larger ones keep PyTorch's ops.
 POINTWISE_MAX_ROWS = 64
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-fopenmp"]
 _state: dict = {"tried": False, "ext": None, "why": ""}
 
 
-def _cpu_has_avx512f() -> bool:
-    return "avx512f" in _cpu_vendor_and_flags()[1]
+@dataclass(frozen=True)
+class CpuProfile:
+    """What routing needs to know of a CPU: its vendor id, its /proc/cpuinfo flags, its architecture."""
+    vendor: str = ""
+    flags: frozenset = field(default_factory=frozenset)
+    machine: str = "x86_64"
+
+    @property
+    def avx512f(self) -> bool:
+        return self.machine.lower() in ("x86_64", "amd64") and "avx512f" in self.flags
+
+    @property
+    def amx_bf16(self) -> bool:
+        """AMX tiles with bf16 products (whether the OS grants them is asked of the built kernels)."""
+        return self.avx512f and {"amx_tile", "amx_bf16", "avx512_bf16"} <= self.flags
 
 
-def _cpu_vendor_and_flags() -> tuple[str, set[str]]:
-    """(vendor_id, flags) of the first CPU in /proc/cpuinfo, or ("", set()) where unreadable."""
+# The CPU kinds README names, for simulated routing (tests, benchmarks on another machine's behalf).
+CPU_KINDS = {
+    "intel_amx": CpuProfile("GenuineIntel", frozenset({"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"})),
+    "intel_avx512": CpuProfile("GenuineIntel", frozenset({"avx512f", "avx512bw", "avx512_bf16"})),
+    "amd_zen4": CpuProfile("AuthenticAMD", frozenset({"avx512f", "avx512bw", "avx512_bf16"})),
+    "no_avx512": CpuProfile("AuthenticAMD", frozenset({"avx2", "fma"})),
+}
+
+
+def _read_cpu_profile() -> CpuProfile:
+    """The first CPU of /proc/cpuinfo (an empty profile where unreadable: no kernels)."""
     vendor, flags = "", set()
     try:
         for line in open("/proc/cpuinfo"):
@@ -65,7 +93,31 @@ def _cpu_vendor_and_flags() -> tuple[str, set[str]]:
                 break
     except OSError:
         pass
-    return vendor, flags
+    return CpuProfile(vendor, frozenset(flags), platform.machine())
+
+
+def cpu_profile() -> CpuProfile:
+    """The profile routing reads: a simulated one (``simulate_cpu``), else this machine's."""
+    if "profile" not in _state:
+        _state["profile"] = _read_cpu_profile()
+    return _state["profile"]
+
+
+def simulate_cpu(profile: CpuProfile | str | None) -> None:
+    """Route as on ``profile`` (a ``CpuProfile`` or a ``CPU_KINDS`` name; None: this machine again).
+    Clears every cached routing answer. Kernels are only built where the real CPU can run them: a
+    simulated AVX-512 CPU on a machine without one decides routes but cannot run them."""
+    if isinstance(profile, str):
+        profile = CPU_KINDS[profile]
+    for key in ("profile", "fma_preferred", "amx"):
+        _state.pop(key, None)
+    if profile is not None:
+        _state["profile"] = profile
+        _state["simulated"] = True
+    else:
+        _state.pop("simulated", None)
+    if _state.get("why") == "this CPU has no AVX-512F" or (profile is not None and not profile.avx512f):
+        _state.update(tried=False, ext=None, why="")   # answer kernels() again for the new profile
 
 
 def bf16_fma_preferred() -> bool:
@@ -75,8 +127,8 @@ def bf16_fma_preferred() -> bool:
     other vendors (AMD Zen 4/5 run ``vdpbf16ps`` at up to twice an FMA's multiply-adds) it is not
     measured, so oneDNN keeps those; without AVX512-BF16 oneDNN has no native bf16 product at all."""
     if "fma_preferred" not in _state:
-        vendor, flags = _cpu_vendor_and_flags()
-        _state["fma_preferred"] = vendor == "GenuineIntel" or "avx512_bf16" not in flags
+        prof = cpu_profile()
+        _state["fma_preferred"] = prof.vendor == "GenuineIntel" or "avx512_bf16" not in prof.flags
     return _state["fma_preferred"]
 
 
@@ -94,7 +146,7 @@ def kernels():
     _state["tried"] = True
     if os.environ.get("GROUPGEN_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
         _state["why"] = "turned off by GROUPGEN_CPU_KERNELS"
-    elif platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx512f():
+    elif not cpu_profile().avx512f or not _read_cpu_profile().avx512f:   # simulated, or real
         _state["why"] = "this CPU has no AVX-512F"
     else:
         try:
@@ -132,7 +184,10 @@ def amx_bf16() -> bool:
     """Whether the bf16 GEMM can run: the kernels are built, the CPU has AMX-BF16 and the OS lets
     this process use the tile registers."""
     if "amx" not in _state:
-        _state["amx"] = kernels() is not None and bool(torch.ops.groupgen.amx_bf16_ready())
+        ok = kernels() is not None and cpu_profile().amx_bf16
+        if ok and not _state.get("simulated"):
+            ok = bool(torch.ops.groupgen.amx_bf16_ready())   # the OS must grant the tile registers
+        _state["amx"] = ok
     return _state["amx"]
 
 

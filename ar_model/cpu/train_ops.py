@@ -1,11 +1,11 @@
-"""Autograd functions for the CPU training step on groupgen's kernels (``cpu_train.cpp``).
+"""Autograd functions for the CPU training step on groupgen's kernels (``csrc/cpu_train.cpp``).
 
 Each entry point returns None where it does not apply (no kernels, not the CPU, autograd off,
-fewer than ``MIN_ROWS`` rows, unsupported dtypes), and the caller in ``layers`` keeps its PyTorch
+fewer than ``MIN_ROWS`` rows, unsupported dtypes), and the caller (``dispatch``, for ``layers``) keeps its PyTorch
 ops. Results follow the PyTorch formulation in ``layers`` rounding for rounding, except where a
 reduction's order differs (fp32 sums, ~1e-7 relative); bench/ar_vs_llamagen.py measures the step.
 - ``linear``: bf16 ``F.linear`` whose weight gradient is a contiguous-source GEMM
-  (``cpu_kernels.weight_grad``): oneDNN runs autograd's g^T @ x ~1.7x slower than the forward.
+  (``kernels.weight_grad``): oneDNN runs autograd's g^T @ x ~1.7x slower than the forward.
 - ``rms_norm``: fp32 RMSNorm forward and backward in one pass each, its output already in bf16
   when autocast will cast it for the next matmul.
 - ``rope``: the rotation forward (and backward: the inverse rotation) in one pass, bf16 in and out.
@@ -19,14 +19,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ar_model import cpu_kernels
+from . import kernels
 
 MIN_ROWS = 256   # training-sized inputs only; decode and small inputs keep their own paths
 
 
 def _applies(x: torch.Tensor, rows: int) -> bool:
     return (rows >= MIN_ROWS and x.device.type == "cpu" and torch.is_grad_enabled()
-            and cpu_kernels.kernels() is not None)
+            and kernels.kernels() is not None)
 
 
 def _autocast_bf16() -> bool:
@@ -51,7 +51,7 @@ class _LinearBF16(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])
-            dw = cpu_kernels.weight_grad(g2, x2) if cpu_kernels.weight_grad_supported(g2, x2) else g2.t() @ x2
+            dw = kernels.weight_grad(g2, x2) if kernels.weight_grad_supported(g2, x2) else g2.t() @ x2
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -149,7 +149,7 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor | None:
     """Training-mode dropout of fp32 or bf16 ``x`` on the CPU (p rounded to a multiple of 1/65536),
     reproducible under ``torch.manual_seed``: the seed is one draw of the global generator."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not 0.0 < p < 1.0
-            or cpu_kernels.kernels() is None):
+            or kernels.kernels() is None):
         return None
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return _Dropout.apply(x, float(p), seed)
