@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from groupgen.checkpoint import checkpoint_hash, load_meta, resolve_checkpoint
 from groupgen.config import ConfigError, from_dict, load_config, to_dict
 from groupgen.data import DataConfig, build_dataset
-from groupgen.runs import default_device, dist_info, progress, set_threads
+from groupgen import distributed
+from groupgen.loader import image_batches
+from groupgen.runs import autocast, progress, set_threads
 from groupgen.tokens import TokenStoreWriter
 
 from .model import load_tokenizer
@@ -38,7 +39,10 @@ class EncodeConfig:
     views: int = 2
     view_kind: str = "flip"        # flip | crops
     crop_frac: float = 0.9         # crops: side of each crop relative to the image
-    batch_size: int = 128
+    batch_size: int = 128          # images per read, and the most images (views) one encoder call takes
+    views_per_call: int = 0        # views per encoder call (0 = as many as keep a call <= batch_size images)
+    precision: str = "auto"        # auto (the tokenizer's training precision) | fp32 | bf16
+    workers: int = 4               # image-decoding processes per rank (files only)
     chunk_size: int = 1024         # images per resumable chunk
     max_chunks: int = 0            # encode at most this many chunks in this call (0 = all); for time slices
     device: str = "auto"
@@ -50,9 +54,15 @@ class EncodeConfig:
             raise ConfigError(f"view_kind must be 'flip' or 'crops', got {self.view_kind!r}")
         vmax = 2 if self.view_kind == "flip" else 10
         if not 1 <= self.views <= vmax:
-            raise ConfigError(f"views must be in [1, {vmax}] for view_kind={self.view_kind!r}, got {self.views}")
+            hint = " (ten-crop: view_kind=crops views=10)" if self.view_kind == "flip" and self.views > 2 else ""
+            raise ConfigError(f"views must be in [1, {vmax}] for view_kind={self.view_kind!r}, got {self.views}{hint}")
         if not 0.0 < self.crop_frac <= 1.0:
             raise ConfigError(f"crop_frac must be in (0, 1], got {self.crop_frac}")
+        if self.views_per_call < 0 or self.workers < 0 or self.batch_size < 1:
+            raise ConfigError(f"views_per_call and workers must be >= 0 and batch_size >= 1, got "
+                              f"{self.views_per_call}, {self.workers}, {self.batch_size}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 def view_names(cfg: EncodeConfig) -> list[str]:
@@ -87,13 +97,13 @@ def encode(ckpt: str | Path, out_dir: str | Path, data_cfg: DataConfig | None = 
     if cfg is None:
         cfg = EncodeConfig(split=split, views=views, batch_size=batch_size)
     cfg.validate()
-    rank, world, _ = dist_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    rank, world, device = distributed.init(cfg.device)
     set_threads(cfg.threads or None)
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
     ck = resolve_checkpoint(ckpt)
     tok = load_tokenizer(ck, device)
+    precision = cfg.precision
+    if precision == "auto":   # as it trained: a bf16 tokenizer's codes are those of its bf16 forward
+        precision = load_meta(ck)["config"].get("train", {}).get("precision", "fp32")
     if data_cfg is None:
         data_cfg = from_dict(DataConfig, {**load_meta(ck)["config"]["data"], **cfg.data})
     ds = build_dataset(data_cfg, cfg.split, train=False)
@@ -109,33 +119,36 @@ def encode(ckpt: str | Path, out_dir: str | Path, data_cfg: DataConfig | None = 
                 chunk_size=cfg.chunk_size, meta=meta, class_names=list(ds.class_names))
     if rank == 0:
         writer = TokenStoreWriter(out, **args)
-    if world > 1:
-        dist.barrier()  # rank 0 created the files; the others reopen them
+    distributed.barrier()  # rank 0 created the files; the others reopen them
     if rank != 0:
         writer = TokenStoreWriter(out, **args)
     pending = writer.pending_chunks(rank, world)
     if cfg.max_chunks:
         pending = pending[: cfg.max_chunks]
     t0 = time.perf_counter()
-    for ci in progress(pending, desc=f"encode {cfg.split}"):
+    reads = [(ci, s_, min(writer.chunk_range(ci)[1], s_ + cfg.batch_size)) for ci in pending
+             for s_ in range(*writer.chunk_range(ci), cfg.batch_size)]
+    batches = image_batches(ds, [range(s_, e) for _, s_, e in reads], workers=cfg.workers,
+                            pin_memory=device.type == "cuda")
+    by_chunk = {}
+    for (ci, s_, e), (x, y) in zip(reads, progress(batches, total=len(reads), desc=f"encode {cfg.split}")):
         a, b = writer.chunk_range(ci)
-        codes = np.empty((b - a, cfg.views, tok.layout.L, tok.layout.G), dtype=np.int64)
-        labels = np.empty((b - a,), dtype=np.int64)
-        for s in range(a, b, cfg.batch_size):
-            e = min(b, s + cfg.batch_size)
-            idx = range(s, e)
-            if hasattr(ds, "batch"):
-                x, y = ds.batch(idx)
-            else:
-                items = [ds[i] for i in idx]
-                x, y = torch.stack([t for t, _ in items]), torch.tensor([l for _, l in items])
-            xv = make_views(x.to(device), cfg)                       # [B, V, C, H, W]
-            c = tok.encode(xv.flatten(0, 1))                         # [B*V, L, G]
-            codes[s - a:e - a] = c.view(e - s, cfg.views, *c.shape[1:]).cpu().numpy()
-            labels[s - a:e - a] = np.asarray(y, dtype=np.int64)
-        writer.write_chunk(ci, codes, labels)
-    if world > 1:
-        dist.barrier()
+        if ci not in by_chunk:
+            by_chunk[ci] = (np.empty((b - a, cfg.views, tok.layout.L, tok.layout.G), dtype=np.int64),
+                            np.empty((b - a,), dtype=np.int64))
+        codes, labels = by_chunk[ci]
+        xv = make_views(x.to(device, non_blocking=True), cfg)          # [B, V, C, H, W]
+        # ten crops of a 128-image batch at 256^2 in one fp32 call would hold tens of GB of activations
+        per_call = cfg.views_per_call or max(1, cfg.batch_size // xv.shape[0])
+        for v0 in range(0, cfg.views, per_call):                          # bounded encoder calls
+            with autocast(device, precision):
+                c = tok.encode(xv[:, v0:v0 + per_call].flatten(0, 1))   # [B*v, L, G]
+            codes[s_ - a:e - a, v0:v0 + per_call] = c.view(e - s_, -1, *c.shape[1:]).cpu().numpy()
+        labels[s_ - a:e - a] = np.asarray(y, dtype=np.int64)
+        if e == b:
+            writer.write_chunk(ci, codes, labels)
+            del by_chunk[ci]
+    distributed.barrier()
     if rank == 0 and not writer.pending_chunks(0, 1):
         writer.finalize()
     if rank == 0:
@@ -151,8 +164,7 @@ def main():
     args = parse_cli("Encode a dataset into a token store", extra)
     cfg = load_config(EncodeConfig, args.config, args.overrides)
     encode(args.ckpt, args.out, cfg=cfg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.destroy()
 
 
 if __name__ == "__main__":

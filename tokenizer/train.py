@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors,
                                  rng_state, save_checkpoint, set_rng_state)
 from groupgen.config import ConfigError, load_config, save_config, to_dict
 from groupgen.data import DataConfig, build_dataset
-from groupgen.runs import MetricsLog, autocast, default_device, dist_info, progress, seed_everything, set_threads
+from groupgen.loader import StepBatches, image_batches
+from groupgen import distributed
+from groupgen.runs import MetricsLog, autocast, progress, seed_everything, set_threads
 
 from .losses import (LossConfig, PatchDiscriminator, adaptive_weight, build_lpips, gan_active, hinge_d_loss,
                      hinge_g_loss, recon_loss)
@@ -55,13 +56,16 @@ class TrainConfig:
     eval_split: str = "test"
     seed: int = 0
     threads: int = 0                   # torch intra-op threads (0 = OMP_NUM_THREADS or all cores)
-    device: str = "auto"               # auto | cpu | cuda
+    workers: int = 4                   # image-decoding processes per rank (files only; in-memory data: none)
+    device: str = "auto"               # auto | cpu | cuda (this rank's GPU)
 
     def validate(self):
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
+        if self.workers < 0:
+            raise ConfigError(f"train.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -183,21 +187,11 @@ def _norm(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _all_flags(flags: list[float], world: int) -> list[float]:
-    t = torch.tensor(flags, dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     """Train (or resume) into ``out_dir``; returns a summary dict (step, checkpoint, psnr, ...)."""
     cfg.validate()
     tc, lc = cfg.train, cfg.loss
-    rank, world, local = dist_info()
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = default_device() if tc.device == "auto" else torch.device(tc.device)
+    rank, world, device = distributed.init(tc.device)   # this rank's GPU set before any collective
     set_threads(tc.threads or None)
     out = Path(out_dir)
     ckroot = out / "checkpoints"
@@ -244,7 +238,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
             print(f"resumed from {ck} at step {step}", flush=True)
 
     ddp_model, ddp_disc = model, disc
-    if world > 1:
+    if distributed.active():   # world 1 under a launcher too: the same collectives as a cluster run
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev_ids = [device.index] if device.type == "cuda" else None
         ddp_model = DDP(model, device_ids=dev_ids, find_unused_parameters=True)
@@ -255,11 +249,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     fixed = get_batch(eval_ds, range(min(8, len(eval_ds)))).to(device) if eval_ds is not None else None
 
     def save(step_: int) -> Path | None:
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
+        rngs = distributed.all_gather_object(rng_state())
         path = None
         if rank == 0:
             state = {"opt": opt.state_dict(), "step": step_, "rng": rngs}
@@ -268,8 +258,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                 state["dopt"] = dopt.state_dict()
                 tensors["disc"] = disc.state_dict()
             path = save_checkpoint(ckroot, step_, tensors, meta, state, tc.keep_last)
-        if world > 1:
-            dist.barrier()
+        distributed.barrier()
         return path
 
     @torch.no_grad()
@@ -292,10 +281,14 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     model.train()
     t_window, n_window = 0.0, 0
     bar = progress(total=tc.steps, initial=step, desc="tokenizer")
+    # Decoded ahead by workers into pinned memory; each batch's augmentation is seeded by (seed, rank,
+    # step), so it is the same with any number of workers and after a resume.
+    batches = image_batches(ds, StepBatches(order, step, tc.steps), workers=tc.workers, first=step,
+                            seed=tc.seed * 65_537 + rank, pin_memory=device.type == "cuda")
     with _Stop() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
-            x = get_batch(ds, order(step)).to(device, non_blocking=True)
+            x = next(batches)[0].to(device, non_blocking=True)
             gan_on = gan_active(lc, step)
             with autocast(device, tc.precision):
                 xrec, codes, qlosses = ddp_model(x)
@@ -318,7 +311,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                 total = total + lc.disc_weight * w * parts["g_adv"]
                 disc.requires_grad_(True)
             bad = 0.0 if torch.isfinite(total) else 1.0
-            bad, stop_now = _all_flags([bad, float(stop.flag)], world)
+            bad, stop_now = distributed.all_reduce_sum([bad, float(stop.flag)])
             if bad:
                 good = latest_checkpoint(ckroot) if ckroot.is_dir() else None
                 raise FloatingPointError(
@@ -378,6 +371,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                     print(f"stopped by signal at step {step}; checkpoint saved", flush=True)
                 break
     bar.close()
+    batches.close()   # stops the workers
     if last_saved != step:
         save(step)
     result = {"step": step, "out_dir": str(out), "checkpoint": str(latest_checkpoint(ckroot)),
@@ -394,11 +388,10 @@ def main():
     cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
     out = args.out or str(Path("runs/tokenizer") / (Path(args.config).stem if args.config else "default"))
     res = train(cfg, out)
-    if dist_info()[0] == 0:
+    if distributed.rank_info()[0] == 0:
         import json
         print(json.dumps(res, indent=1))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.destroy()
     if res.get("interrupted"):
         sys.exit(143)  # like the AR trainer: `train && encode` must not go on with a half-trained tokenizer
 
