@@ -195,6 +195,15 @@ class GPT(nn.Module):
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._filled = 0
 
+    def _apply(self, fn, recurse=True):
+        """Casts move the rotary tables with the model but never round them: ``model.to(bf16)`` (bf16
+        sampling, DeepSpeed's bf16 module) would put positions 200+ a whole bf16 step (~0.4%) off."""
+        cos, sin = self.rope_cos, self.rope_sin
+        super()._apply(fn, recurse)
+        self.rope_cos = cos.to(self.rope_cos.device, torch.float32)
+        self.rope_sin = sin.to(self.rope_sin.device, torch.float32)
+        return self
+
     # ---------------------------------------------------------------------------------------
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

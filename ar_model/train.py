@@ -189,6 +189,15 @@ def _ds_config(tc: TrainSection, world: int, bf16: bool) -> dict:
              train_batch_size=tc.batch_size * tc.grad_accum * world, gradient_clipping=float(tc.clip),
              bf16={"enabled": bf16}, fp16={"enabled": False})
     d.setdefault("zero_optimization", {"stage": 0})
+    stage = d["zero_optimization"].get("stage", 0)
+    if bf16 and stage == 1:
+        # bf16 gradients summed over micro-batches and ranks lose low bits; DeepSpeed's BF16_Optimizer
+        # accumulates and reduces them in fp32 (ZeRO-1 only: ZeRO-0 has no such mode, ZeRO-2/3 reduce
+        # in the model's dtype). The module weights stay bf16 with fp32 masters (BENCHMARKS.md).
+        d.setdefault("data_types", {"grad_accum_dtype": "fp32"})
+    if not torch.cuda.is_available():
+        # no streams to overlap on the CPU accelerator; the JSON's setting is for GPUs
+        d["zero_optimization"]["overlap_comm"] = False
     return d
 
 

@@ -108,7 +108,7 @@ def train_domain_classifier(cfg: DomainConfig, log=None) -> tuple[DomainNet, dic
         perm = torch.randperm(len(tr), generator=gen)
         for i in range(steps_per_epoch):
             x, y = tr.batch(perm[i * cfg.batch_size: (i + 1) * cfg.batch_size])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss = F.cross_entropy(net(x)[1].float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,12 +47,21 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)   # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
 def _atomic_replace(path: Path, fill) -> None:
     """``fill(tmp)`` writes a temporary file beside ``path``; it is fsynced and renamed over ``path``,
     so ``path`` is old or new, never torn; the temporary file is removed on any failure."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
+        # mkstemp makes 0600 files: give the mode a plain open() would (0666 less the umask), so on
+        # a cluster's shared filesystem others can read samples, metrics and store headers
+        os.chmod(tmp, 0o666 & ~_umask())
         fill(tmp)
         _fsync_file(Path(tmp))
         os.replace(tmp, path)
@@ -84,6 +93,7 @@ def write_checkpoint_dir(path: str | Path, tensors: dict[str, dict[str, torch.Te
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp's 0700 would hide the checkpoint from the others
         for name, sd in tensors.items():
             f = tmp / f"{name}.safetensors"
             save_file(_plain(sd), str(f))

@@ -16,8 +16,11 @@ from .checkpoint import atomic_write_text
 
 
 def set_threads(n: int | None = None) -> int:
-    """Pin intra-op threads (a 2-core box with a busy neighbour swings 100x otherwise)."""
-    n = n or int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, os.cpu_count() or 1)
+    """Pin intra-op threads (a 2-core box with a busy neighbour swings 100x otherwise). Unset, it is
+    OMP_NUM_THREADS, else this node's cores shared among the launcher's ranks on it (the deepspeed
+    launcher leaves OMP_NUM_THREADS unset: eight ranks each taking every core would thrash)."""
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    n = n or int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // ranks_here)
     torch.set_num_threads(n)
     return n
 
@@ -30,14 +33,14 @@ def seed_everything(seed: int) -> None:
 
 def dist_info() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's environment (torchrun/deepspeed), else (0,1,0)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    from .distributed import rank_info
+    return rank_info()
 
 
 def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist_info()[2] % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
+    """This rank's GPU (cuda:LOCAL_RANK) where CUDA is present, else the CPU."""
+    from .distributed import pick_device
+    return pick_device("auto")
 
 
 def autocast(device: torch.device, precision: str):

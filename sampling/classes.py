@@ -21,15 +21,14 @@ class ClassError(ValueError):
 
 
 def builtin_names(name: str) -> list[str]:
-    """A bundled class-name list: ``imagenet`` (1000, standard index order) or ``fmnist`` (10).
-
-    ``imagenet.txt`` was checked on 2026-11-24 against pytorch/hub's ``imagenet_classes.txt``
-    (commit a6fc887): all 1000 indices agree, except five names changed here to make them unique
-    (134 "crane (bird)", 263/264 "Pembroke/Cardigan Welsh corgi", 639 "tank suit" for a second
-    "maillot", 989 "rose hip")."""
+    """A known class-name list: ``imagenet`` (1000, standard index order: torchvision's own list,
+    which ships offline with the package and has 1000 distinct names) or ``fmnist`` (10, bundled)."""
+    if name == "imagenet":
+        from torchvision.models import ResNet50_Weights   # metadata only: no weights are loaded
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     f = _BUILTIN / f"{name}.txt"
     if not f.is_file():
-        have = sorted(p.stem for p in _BUILTIN.glob("*.txt"))
+        have = sorted({"imagenet", *(p.stem for p in _BUILTIN.glob("*.txt"))})
         raise ClassError(f"no bundled class-name list {name!r}; have {have} (or give a path to a .txt file)")
     return [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
 
@@ -62,7 +61,8 @@ def _lookup(token, names: list[str], num_classes: int) -> int:
             cid = int(s)
         else:
             low = [n.lower() for n in names]
-            hits = [i for i, n in enumerate(low) if n == s.lower()]
+            # exact case first: ImageNet has "Cardigan" (the corgi, 264) and "cardigan" (474)
+            hits = [i for i, n in enumerate(names) if n == s] or [i for i, n in enumerate(low) if n == s.lower()]
             if len(hits) > 1:
                 raise ClassError(f"class name {s!r} is ambiguous: ids {hits}; give the id instead")
             if not hits:

@@ -256,7 +256,7 @@ def test_resume_with_an_incomplete_ema_names_the_file_and_key(store, full_run, t
         train(cfg_of("train.steps=9", "train.ema=0.9", f"train.resume={ck}"), store, tmp_path / "run")
 
 
-@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2])
 def test_bf16_training_exports_and_averages_the_fp32_masters(store, tmp_path, monkeypatch, zero):
     """DeepSpeed bf16 trains bf16 copies of fp32 masters: model.safetensors (and, on ZeRO-0, where
     the masters are local, the EMA) must be the masters (not all bf16-representable), not the
@@ -268,11 +268,33 @@ def test_bf16_training_exports_and_averages_the_fp32_masters(store, tmp_path, mo
     monkeypatch.setattr(EMA, "update", lambda self, p: (seen.append({v.dtype for v in p.values()}), update(self, p)))
     train(cfg_of("train.steps=3", "train.precision=bf16", "train.ema=0.9", f"train.zero_stage={zero}"), store,
           tmp_path / "run")
-    assert seen == [{torch.float32 if zero == 0 else torch.bfloat16}] * 3   # ZeRO-2: partitioned masters
+    assert seen == [{torch.float32 if zero == 0 else torch.bfloat16}] * 3   # ZeRO-1/2: partitioned masters
     ck = latest_checkpoint(tmp_path / "run" / "checkpoints")
     for name in ("model", "ema"):
         w = [v for v in load_tensors(ck, name).values() if v.is_floating_point() and v.dim() >= 2]
         assert w and not all(torch.equal(v, v.bfloat16().float()) for v in w), name
+
+
+def test_deepspeed_configs_overlap_comm_and_accumulate_bf16_gradients_in_fp32():
+    """ZeRO-2/3 overlap the gradient reduction with the backward on GPUs (off on the CPU accelerator,
+    which has no streams); bf16 ZeRO-1 sums gradients over micro-batches and ranks in fp32
+    (DeepSpeed's BF16_Optimizer), not in bf16."""
+    import json
+    from ar_model.train import DS_CONFIG_DIR, TrainSection, _ds_config
+    for stage in (2, 3):
+        assert json.loads((DS_CONFIG_DIR / f"zero{stage}.json").read_text())["zero_optimization"]["overlap_comm"]
+        assert _ds_config(TrainSection(zero_stage=stage), 2, True)["zero_optimization"]["overlap_comm"] is False
+    assert _ds_config(TrainSection(zero_stage=1), 8, True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in _ds_config(TrainSection(zero_stage=1), 8, False)
+
+
+def test_bf16_zero1_trains_on_the_fp32_accumulating_optimizer(store, tmp_path, monkeypatch):
+    import deepspeed
+    kinds = []
+    init = deepspeed.initialize
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (lambda r: kinds.append(type(r[1]).__name__) or r)(init(**kw)))
+    out = train(cfg_of("train.steps=3", "train.precision=bf16", "train.zero_stage=1"), store, tmp_path / "run")
+    assert kinds == ["BF16_Optimizer"] and math.isfinite(out["loss"]) and out["step"] == 3
 
 
 def test_layout_mismatch_is_an_error(store, full_run, tmp_path):

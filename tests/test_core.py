@@ -316,3 +316,23 @@ def test_imagefolder_limit_spans_the_classes(tmp_path):
     assert len(labels) == 7 and set(labels) == set(range(5)) and labels == sorted(labels)
     assert ds.files == build_dataset(cfg, "val").files  # seeded: the same subset every time
     assert len({f for f, _ in ds.files}) == 7
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    """Files written atomically get the mode a plain open() gives (0666 less the umask), not
+    mkstemp's 0600: on a shared filesystem others must be able to read metrics and headers."""
+    import os
+    import stat
+    from groupgen.checkpoint import atomic_copyfile, atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+        atomic_copyfile(tmp_path / "a.json", tmp_path / "b.json")
+        ckdir = ck.save_checkpoint(tmp_path / "ck", 1, {"model": {"w": torch.zeros(2)}}, {"kind": "x"})
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "c.json", "{}")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(tmp_path / p).st_mode)  # noqa: E731
+    assert mode("a.json") == mode("b.json") == 0o644 and mode("c.json") == 0o600
+    assert stat.S_IMODE(os.stat(ckdir).st_mode) == 0o755

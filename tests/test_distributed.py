@@ -111,3 +111,21 @@ def test_batches_are_the_same_with_any_number_of_workers_and_after_a_resume():
     for a, b in zip(runs[0][3:], resumed):
         assert torch.equal(a[0], b[0])
     assert not torch.equal(runs[0][0][0], runs[0][1][0] - 4)            # augmentations differ per batch
+
+
+def test_launcher_ranks_share_the_nodes_cores(monkeypatch):
+    """The deepspeed launcher leaves OMP_NUM_THREADS unset: each of a node's ranks takes its share."""
+    import os
+    from groupgen.runs import set_threads
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    try:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        assert set_threads() == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+        assert set_threads() == 16
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert set_threads() == 3 and set_threads(1) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -531,3 +531,40 @@ def test_evaluate_tokenizer_with_a_stub_tokenizer():
     assert out["images"] == 64 and out["usage"] == [1.0] and 1 < out["perplexity"][0] <= 4
     # uniform 4-level quantisation of [-1,1]: error at most 1/3 per pixel -> PSNR >= 10 log10(4 / (1/9))
     assert out["psnr"] > 10 * math.log10(36) and 0 < out["ssim"] <= 1
+
+
+def test_reconstruction_fid_streams_features_and_equals_the_whole_set_fid(monkeypatch):
+    """rFID from features gathered batch by batch equals the FID of the whole image sets, and no
+    image outlives its batch (50k ImageNet images in host fp32 were 78 GB)."""
+    import eval.reconstruction as rec
+    from eval.fidelity import Extractor
+
+    class Stub:  # 4-level pixel quantiser
+        layout = TokenLayout("grid", 32 * 32, (4,), h=32, w=32, image_size=32, channels=1)
+
+        def encode(self, x):
+            return ((x + 1) / 2 * 3).round().long().clamp(0, 3).reshape(len(x), -1, 1)
+
+        def decode_codes(self, c):
+            return (c.float() / 3 * 2 - 1).reshape(len(c), 1, 32, 32)
+
+    class Pixels(Extractor):   # features: 8 pooled pixel means
+        name = "pixels"
+
+        def __call__(self, x):
+            f = torch.nn.functional.adaptive_avg_pool2d(x.float()[:, :1], (2, 4)).flatten(1)
+            return f, f
+
+    monkeypatch.setattr(rec, "build_extractor", lambda *a, **k: Pixels(torch.device("cpu")))
+    monkeypatch.setattr(rec, "check_domain_data", lambda *a, **k: None)
+    held = []
+    real_update = rec.ReconMeter.update
+    monkeypatch.setattr(rec.ReconMeter, "update", lambda self, x, xr: held.append(len(x)) or real_update(self, x, xr))
+    out = rec.evaluate_tokenizer(Stub(), rec.ReconEvalConfig(n=96, batch_size=32, extractor="domain", lpips=False),
+                                 train_data={"name": "fmnist"})
+    from groupgen.data import DataConfig, build_dataset
+    ds = build_dataset(DataConfig(name="fmnist", limit=0), "test")
+    x = torch.stack([ds[i][0] for i in range(96)])
+    whole = rec.rfid(x, Stub().decode_codes(Stub().encode(x)), Pixels(torch.device("cpu")), 1000)
+    assert held == [32, 32, 32]
+    assert out["rfid"] == pytest.approx(whole, rel=1e-9, abs=1e-12)

@@ -466,14 +466,19 @@ def test_layout_mismatch_raises_before_work(tmp_path, ckpts):
 # --- classes ------------------------------------------------------------------------------------
 def test_class_lists_and_selection():
     inet = builtin_names("imagenet")
-    assert len(inet) == 1000 and len({n.lower() for n in inet}) == 1000
+    from torchvision.models import ResNet50_Weights
+    assert inet == ResNet50_Weights.IMAGENET1K_V1.meta["categories"]          # the library's list, not a copy
+    assert len(inet) == len(set(inet)) == 1000
+    assert resolve_classes("Cardigan,cardigan", inet, 1000) == [264, 474]   # the corgi, the sweater
+    with pytest.raises(ClassError, match="ambiguous"):
+        resolve_classes("CARDIGAN", inet, 1000)
     assert (inet[0], inet[207], inet[281], inet[417], inet[980], inet[999]) == (
         "tench", "golden retriever", "tabby", "balloon", "volcano", "toilet tissue")
     fm = builtin_names("fmnist")
     assert fm[0] == "T-shirt/top" and fm[9] == "Ankle boot" and len(fm) == 10
     assert resolve_classes("tench,Goldfish", inet, 1000) == [0, 1]
     assert resolve_classes([207, "3"], inet, 1000) == [207, 3]
-    assert resolve_classes("crane (bird)", inet, 1000) == [134]
+    assert resolve_classes("crane bird", inet, 1000) == [134] and resolve_classes("crane", inet, 1000) == [517]
     with pytest.raises(ClassError, match="golden retriever"):
         resolve_classes("golden retreiver", inet, 1000)
     lab = sample_labels("balanced", 4, 10, 0, 0)
