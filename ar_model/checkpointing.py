@@ -115,10 +115,16 @@ def save_training_checkpoint(engine, root: Path, step: int, meta: dict, state: d
     return final
 
 
-def vet_engine_files(engine_dir: Path) -> None:
+def vet_engine_files(engine_dir: Path, rank: int | None = None) -> None:
     """DeepSpeed reads its engine files with ``torch.load(weights_only=False)``: open each one with the
-    restricted unpickler first, so a crafted file is refused before DeepSpeed can execute it."""
+    restricted unpickler first, so a crafted file is refused before DeepSpeed can execute it.
+
+    With ``rank``, only the files that rank's DeepSpeed opens: those shared by all ranks and its own
+    ZeRO partition (``*zero_pp_rank_<rank>_*``; without elastic checkpoints a rank reads no other
+    partition). Every rank vetting every partition read GPT-3B's whole optimizer state on each of
+    32 GPUs (~1.4 TB)."""
     import importlib
+    import re
 
     # plain-data classes DeepSpeed pickles into ZeRO optimizer files (no code runs when they are rebuilt)
     allowed = []
@@ -131,6 +137,9 @@ def vet_engine_files(engine_dir: Path) -> None:
         except (ImportError, AttributeError):
             pass
     for f in sorted(engine_dir.rglob("*.pt")):
+        part = re.search(r"zero_pp_rank_(\d+)_", f.name)
+        if rank is not None and part is not None and int(part.group(1)) != rank:
+            continue   # another rank's partition: that rank vets it
         try:
             with torch.serialization.safe_globals(allowed):
                 torch.load(f, map_location="cpu", weights_only=True)

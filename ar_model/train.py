@@ -308,7 +308,8 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
 
     step, pos = 0, 0
     if resume_from is not None:
-        vet_engine_files(Path(resume_from) / "engine")
+        elastic = ds_cfg["zero_optimization"].get("elastic_checkpoint", False)   # then a rank reads every partition
+        vet_engine_files(Path(resume_from) / "engine", None if elastic else rank)   # the files this rank opens
         path, _ = engine.load_checkpoint(str(resume_from), tag="engine", load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:

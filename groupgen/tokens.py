@@ -79,14 +79,29 @@ class TokenStoreWriter:
         self.labels[a:b] = labels.astype(np.int64)
         self.codes.flush()
         self.labels.flush()
-        (self.root / "done" / f"{ci:06d}").touch()  # marker only after the data is flushed
+        # marker only after the data is flushed; it keeps the chunk's per-group maximum, so the
+        # finished header can say what the store holds without a scan of every code
+        hi = codes.reshape(-1, self.layout.G).max(0) if len(codes) else np.zeros(self.layout.G, np.int64)
+        (self.root / "done" / f"{ci:06d}").write_text(json.dumps([int(v) for v in hi]))
 
     def finalize(self) -> None:
         missing = [c for c in range(self.num_chunks) if not self.is_done(c)]
         if missing:
             raise TokenStoreError(f"{self.root}: chunks {missing[:5]}... not written yet")
+        self.header["code_max"] = [int(v) for v in np.max([self._chunk_max(c) for c in range(self.num_chunks)], 0)]
         self.header["complete"] = True
         atomic_write_text(self.root / "header.json", json.dumps(self.header, indent=1))
+
+    def _chunk_max(self, ci: int) -> np.ndarray:
+        try:
+            hi = json.loads((self.root / "done" / f"{ci:06d}").read_text())
+            if isinstance(hi, list) and len(hi) == self.layout.G:
+                return np.asarray(hi, dtype=np.int64)
+        except (OSError, json.JSONDecodeError):
+            pass
+        a, b = self.chunk_range(ci)   # a marker from before maxima were kept: read the chunk once
+        return np.asarray(self.codes[a:b].reshape(-1, self.layout.G).max(0) if b > a else np.zeros(self.layout.G),
+                          dtype=np.int64)
 
 
 class TokenStore:
@@ -128,9 +143,12 @@ class TokenStore:
                                   f"{list(self.labels.shape)}")
         if n and (self.labels.min() < 0 or self.labels.max() >= self.header["num_classes"]):
             raise TokenStoreError(f"{self.root}/labels.npy: labels outside [0, {self.header['num_classes']})")
-        # a max over the whole array is one pass over memory-mapped uint8/16: cheap next to training.
+        # The writer kept each group's maximum (checked chunk by chunk as it wrote): no start-up scan,
+        # which on every rank of a ten-crop ImageNet store would read 26 GB. Older stores are scanned.
         if n:
-            hi = self.codes.reshape(-1, self.layout.G).max(0)
+            hi = self.header.get("code_max")
+            if not (isinstance(hi, list) and len(hi) == self.layout.G and all(isinstance(v, int) for v in hi)):
+                hi = self.codes.reshape(-1, self.layout.G).max(0)
             for g, k in enumerate(self.layout.K):
                 if hi[g] >= k:
                     raise TokenStoreError(f"{self.root}/codes.npy: group {g} holds index {int(hi[g])} >= K={k}")

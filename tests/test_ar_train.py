@@ -372,3 +372,30 @@ def test_bf16_training_on_the_cpu_kernels_learns(tmp_path, count_taken):
     # the loss is a mean over the groups: log 8 = 2.08 at the start; measured 1.65 after 12 steps
     assert got[1] == pytest.approx(math.log(8), abs=0.05)
     assert got[12] < got[1] - 0.2 and res["val_loss"] < math.log(8) - 0.2
+
+
+def test_each_rank_vets_only_the_engine_files_it_opens(tmp_path, monkeypatch):
+    """Resume: a rank vets the shared model states and its own ZeRO partition, not every rank's
+    (GPT-3B on 32 GPUs read ~1.4 TB that way); a crafted partition is refused by its own rank."""
+    import pickle
+    from ar_model import checkpointing
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    eng = tmp_path / "engine"
+    eng.mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}}, eng / "mp_rank_00_model_states.pt")
+    for r in (0, 2):
+        torch.save({"optimizer_state_dict": {"step": r}}, eng / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    (eng / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(pickle.dumps(Payload()))
+    opened = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: opened.append(Path(f).name) or load(f, *a, **k))
+    checkpointing.vet_engine_files(eng, rank=0)
+    assert opened == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt"]
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_.*restricted unpickler"):
+        checkpointing.vet_engine_files(eng, rank=1)
+    with pytest.raises(CheckpointError, match="zero_pp_rank_1_"):
+        checkpointing.vet_engine_files(eng)                     # rank None: every file (elastic checkpoints)

@@ -261,6 +261,28 @@ def test_token_store_round_trip(tmp_path):
     from groupgen.checkpoint import checkpoint_hash
     assert st.header["tokenizer_hash"] == checkpoint_hash(ck)
     assert st.header["views"]["names"] == ["identity", "hflip"] and len(st.header["class_names"]) == 10
+    # each group's largest code, kept by the writer: opening the store needs no scan of every code
+    assert st.header["code_max"] == [int(v) for v in st.codes.reshape(-1, 4).max(0)]
+
+
+def test_token_store_range_check_reads_the_header_and_scans_older_stores(tmp_path):
+    import json
+    from groupgen.tokens import TokenStoreError
+    ck = save_tok(tmp_path, tiny_model(), mg())
+    out = encode(ck, tmp_path / "store", cfg=_enc_cfg())
+    hfile = out / "header.json"
+    h = json.loads(hfile.read_text())
+    K = h["layout"]["K"]
+    hfile.write_text(json.dumps(dict(h, code_max=[K[0]] + h["code_max"][1:])))
+    with pytest.raises(TokenStoreError, match=f"group 0 holds index {K[0]} >= K={K[0]}"):
+        TokenStore(out)
+    codes = np.load(out / "codes.npy", mmap_mode="r+")
+    codes[3, 1, 5, 2] = K[2]
+    codes.flush()
+    del h["code_max"]                                          # a store written before the header kept it
+    hfile.write_text(json.dumps(h))
+    with pytest.raises(TokenStoreError, match=f"group 2 holds index {K[2]} >= K={K[2]}"):
+        TokenStore(out)
 
 
 def test_resumed_encode_equals_one_shot(tmp_path):
