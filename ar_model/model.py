@@ -18,6 +18,7 @@ table with ``class_token_rope="zeros"``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Literal
@@ -135,7 +136,9 @@ def gpt_config(preset: str, **overrides) -> GPTConfig:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig, layout: TokenLayout, num_classes: int):
+    def __init__(self, cfg: GPTConfig, layout: TokenLayout, num_classes: int, init: bool = True):
+        """``init=False`` leaves the parameters for ``init_parameters`` (ZeRO-3 builds the model
+        partitioned, then initialises it module by module)."""
         super().__init__()
         cfg.validate()
         if num_classes < 1:
@@ -186,14 +189,32 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-        init_weights(self, cfg.init_std)
-        if self.pos_embed is not None:
-            nn.init.normal_(self.pos_embed, 0.0, cfg.init_std)
-        if isinstance(self.heads, SubtokenHead):
-            nn.init.normal_(self.heads.pos, 0.0, cfg.init_std)
-        self.heads.zero_init()
+        if init:
+            self.init_parameters()
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._filled = 0
+
+    def init_parameters(self, gather=None) -> None:
+        """LlamaGen's init: N(0, init_std) for linear and embedding weights and the position tables,
+        zero output heads. ``gather(params)`` is a context that makes partitioned parameters whole
+        while one module is initialised (ZeRO-3: ``GatheredParameters``); the random draws, and so
+        the weights, are those of a whole model built on one device."""
+        def whole(params):
+            return gather(params) if gather is not None else contextlib.nullcontext()
+
+        std = self.cfg.init_std
+        for m in self.modules():   # init_weights's own order
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                with whole(list(m.parameters(recurse=False))):
+                    init_weights(m, std)
+        if self.pos_embed is not None:
+            with whole([self.pos_embed]):
+                nn.init.normal_(self.pos_embed, 0.0, std)
+        if isinstance(self.heads, SubtokenHead):
+            with whole([self.heads.pos]):
+                nn.init.normal_(self.heads.pos, 0.0, std)
+        with whole(list(self.heads.parameters())):
+            self.heads.zero_init()
 
     def _apply(self, fn, recurse=True):
         """Casts move the rotary tables with the model but never round them: ``model.to(bf16)`` (bf16
@@ -206,7 +227,7 @@ class GPT(nn.Module):
 
     # ---------------------------------------------------------------------------------------
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())   # ZeRO-3: whole sizes
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null class with probability cfg.class_dropout (global RNG)."""

@@ -294,7 +294,14 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
         st = load_resume_state(resume_from)
 
     seed_everything(tc.seed)                     # identical init on every rank
-    gpt = GPT(gpt_cfg, layout, store.num_classes)
+    if stage == 3:
+        # each rank holds its partition from the start (not the whole fp32 model: 12 GB for GPT-3B per
+        # rank), initialised module by module exactly as a whole model would be
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+            gpt = GPT(gpt_cfg, layout, store.num_classes, init=False)
+        gpt.init_parameters(gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
+    else:
+        gpt = GPT(gpt_cfg, layout, store.num_classes)
     gpt.check_inputs = False                     # the store validated every code on open; skip the syncs
     torch.manual_seed(tc.seed * 1_000_003 + 7919 * (rank + 1))   # per-rank dropout / class-drop stream
     n_params = gpt.num_params()
@@ -417,8 +424,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
             if step == tc.steps or stopping or (tc.ckpt_every and step % tc.ckpt_every == 0):
                 # the loss of this step was finite, but its update may not be: never save (and call
                 # "last good") weights that are not
-                bad = torch.tensor([float(any(not torch.isfinite(p.detach()).all() for p in gpt.parameters()))],
-                                   dtype=torch.float64, device=device)
+                bad = torch.tensor([float(not all_finite(gpt))], dtype=torch.float64, device=device)
                 torch.distributed.all_reduce(bad)
                 if bad.item() > 0:
                     raise TrainingDiverged(f"non-finite weights after the update at step {step}; training stopped, "
@@ -445,6 +451,12 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if stop.signum == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)
     return out
+
+
+def all_finite(gpt: GPT) -> bool:
+    """Whether every weight this rank holds is finite: under ZeRO-3 a parameter is an empty
+    placeholder and the rank holds its partition (``ds_tensor``), which is what must be checked."""
+    return all(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in gpt.parameters())
 
 
 def _ema_source(engine) -> dict[str, torch.Tensor]:
