@@ -371,57 +371,81 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
               f"{len(val_idx)} val samples, world {world}, ZeRO-{stage}, {'bf16' if bf16 else 'fp32'}, "
               f"{threads} threads, start step {step}", file=sys.stderr)
     start = step
+    feed = _Prefetch(batches, device)
+    pending = None   # (step, reduced tensor, async handle, start time, data position) of the last step
+    lr_of: dict[int, float] = {}
+
+    def settle(until: float | None = None) -> bool:
+        """Read the last step's reduced losses and stop flag (waits for them), check, log. Returns
+        whether a stop was requested. The step's time runs to ``until`` (the next step's start)."""
+        nonlocal pending, last, tok_time, tok_count, win, win_n
+        if pending is None:
+            return False
+        at, red, work, t_at, pos_at = pending
+        pending = None
+        if work is not None:
+            work.wait()
+        red = red.cpu()
+        dt = (timer() if until is None else until) - t_at
+        losses, stop_now = red[:-1] / world, red[-1].item() > 0
+        if not torch.isfinite(losses).all():
+            raise TrainingDiverged(f"non-finite loss {losses[0].item()} at step {at}; training stopped, "
+                                   f"last good checkpoint: {last_ckpt or 'none'}")
+        if at > 1 or resume_from is not None:   # the first step pays one-off setup costs
+            tok_time += dt
+            tok_count += tc.batch_size * tc.grad_accum * world * layout.L
+        win += losses
+        win_n += 1
+        if on_step is not None:
+            on_step(at, losses[0].item())
+        lr_at = lr_of.pop(at)
+        if at % tc.log_every == 0 or at == tc.steps:
+            m = (win / win_n).tolist()
+            gn = engine.get_global_grad_norm()
+            last = dict(step=at, loss=m[0], **{f"loss_g{g}": x for g, x in enumerate(m[1:])},
+                        uniform=uniform, lr=lr_at, **({} if gn is None else {"grad_norm": float(gn)}),
+                        tok_per_s=tok_count / tok_time if tok_time else None,
+                        img_per_s=tok_count / layout.L / tok_time if tok_time else None,
+                        epoch=batches.epoch_of(pos_at), elapsed_s=timer())
+            metrics.write(**last)
+            bar.set_postfix(loss=f"{m[0]:.4f}")
+            win.zero_()
+            win_n = 0
+        return stop_now
+
+    stop_seen = False
     try:
         gpt.train()
         while step < tc.steps:
             t0 = timer()
-            lr_now = engine.get_lr()[0]            # the rate this step uses (get_lr after = the next)
+            lr_of[step + 1] = engine.get_lr()[0]   # the rate this step uses (get_lr after = the next)
             acc = torch.zeros(1 + G, dtype=torch.float64, device=device)
             for _ in range(tc.grad_accum):
-                codes, labels = batches.get(pos)
+                codes, labels = feed.take(pos)      # already on the device; pos + 1 is on its way
                 pos += 1
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, per = engine(codes.to(device), labels.to(device))
+                    loss, per = engine(codes, labels)
                 engine.backward(loss)
                 engine.step()
                 acc += torch.cat([loss.detach().reshape(1), per.detach()]).double()
             if ema is not None:
                 ema.update(_ema_source(engine))
             step += 1
+            # The previous step's numbers are read now, while this step runs on the GPU: no sync per
+            # step. So a stop request (or a non-finite loss) is seen one step later than it happened.
+            stop_seen = settle(until=t0) or stop_seen
             # One small all-reduce per step: the rank-mean loss (logging, NaN check) and the stop flag.
             red = torch.cat([acc / tc.grad_accum, torch.tensor([float(stop.signum > 0)], dtype=torch.float64,
                                                                device=device)])
-            torch.distributed.all_reduce(red)
-            red = red.cpu()
-            losses, stop_now = red[:-1] / world, red[-1].item() > 0
-            if not torch.isfinite(losses).all():
-                raise TrainingDiverged(f"non-finite loss {losses[0].item()} at step {step}; training stopped, "
-                                       f"last good checkpoint: {last_ckpt or 'none'}")
-            dt = timer() - t0
-            if step > 1 or resume_from is not None:   # the first step pays one-off setup costs
-                tok_time += dt
-                tok_count += tc.batch_size * tc.grad_accum * world * layout.L
-            win += losses
-            win_n += 1
+            work = torch.distributed.all_reduce(red, async_op=True)
+            pending = (step, red, work, t0, pos)
             bar.update(1)
-            if on_step is not None:
-                on_step(step, losses[0].item())
-            if step % tc.log_every == 0 or step == tc.steps:
-                m = (win / win_n).tolist()
-                gn = engine.get_global_grad_norm()
-                last = dict(step=step, loss=m[0], **{f"loss_g{g}": x for g, x in enumerate(m[1:])},
-                            uniform=uniform, lr=lr_now, **({} if gn is None else {"grad_norm": float(gn)}),
-                            tok_per_s=tok_count / tok_time if tok_time else None,
-                            img_per_s=tok_count / layout.L / tok_time if tok_time else None,
-                            epoch=batches.epoch_of(pos), elapsed_s=timer())
-                metrics.write(**last)
-                bar.set_postfix(loss=f"{m[0]:.4f}")
-                win.zero_()
-                win_n = 0
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                stop_seen = settle() or stop_seen
                 last_val = run_eval(step)
-            stopping = stop_now or (tc.stop_at and step >= tc.stop_at)
+            stopping = stop_seen or (tc.stop_at and step >= tc.stop_at)
             if step == tc.steps or stopping or (tc.ckpt_every and step % tc.ckpt_every == 0):
+                stop_seen = settle() or stop_seen   # a checkpoint holds every logged step and never a NaN one
                 # the loss of this step was finite, but its update may not be: never save (and call
                 # "last good") weights that are not
                 bad = torch.tensor([float(not all_finite(gpt))], dtype=torch.float64, device=device)
@@ -432,6 +456,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                 last_ckpt = save(step)
             if stopping:
                 break
+        settle()
         if step >= tc.steps and step > start:   # a finished run that is called again does not re-log
             last_val = run_eval(step) or last_val
     finally:
@@ -451,6 +476,26 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if stop.signum == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)
     return out
+
+
+class _Prefetch:
+    """Micro-batches on the device one ahead: batch ``pos + 1`` is gathered from the memory-mapped store
+    (and pinned, on CUDA, for an asynchronous copy) while batch ``pos`` trains."""
+
+    def __init__(self, batches: TokenBatches, device: torch.device):
+        self.batches, self.device, self.pin = batches, device, device.type == "cuda"
+        self.ahead: tuple[int, tuple] | None = None
+
+    def _load(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, labels = self.batches.get(pos)
+        if self.pin:
+            codes, labels = codes.pin_memory(), labels.pin_memory()
+        return codes.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def take(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self.ahead[1] if self.ahead is not None and self.ahead[0] == pos else self._load(pos)
+        self.ahead = (pos + 1, self._load(pos + 1))
+        return got
 
 
 def all_finite(gpt: GPT) -> bool:

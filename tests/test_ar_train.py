@@ -177,12 +177,14 @@ def test_checkpoint_contents_and_inference_export(store, full_run):
 
 
 def test_sigterm_checkpoints_and_resume_is_exact(store, full_run, tmp_path):
-    """SIGTERM during step 5 -> checkpoint at 5 + exit 143; resuming reproduces the uninterrupted run bit for bit."""
+    """SIGTERM after step 4 -> checkpoint at 6 + exit 143 (a step's numbers, the stop flag among them, are
+    read while the next step runs: the flag raised during step 5 is read at the end of step 6);
+    resuming reproduces the uninterrupted run bit for bit."""
     ref = losses(full_run[0])
     out = tmp_path / "run"
     cfg = cfg_of("train.steps=8", "train.ema=0.9", "train.val_split=0.1")
 
-    def kill_after_4(step, loss):   # the flag is read at the end of the next step (all ranks agree there)
+    def kill_after_4(step, loss):   # on_step(4) runs during step 5; all ranks agree on the flag at 6
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -190,8 +192,8 @@ def test_sigterm_checkpoints_and_resume_is_exact(store, full_run, tmp_path):
     with pytest.raises(SystemExit) as e:
         train(cfg, store, out, on_step=kill_after_4)
     assert e.value.code == 128 + signal.SIGTERM
-    assert latest_checkpoint(out / "checkpoints").name == "step_00000005"
-    assert sorted(losses(out)) == [1, 2, 3, 4, 5]
+    assert latest_checkpoint(out / "checkpoints").name == "step_00000006"
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert signal.getsignal(signal.SIGTERM) == before                  # our handler is removed again
     res = train(cfg, store, out)
     assert res["step"] == 8 and not res["stopped_early"]
@@ -430,3 +432,35 @@ def test_zero3_builds_partitioned_trains_like_zero0_and_resumes_exactly(store, t
             self.w.ds_tensor = part
     assert all_finite(Partitioned(torch.ones(3)))
     assert not all_finite(Partitioned(torch.tensor([1.0, float("nan")])))
+
+
+def test_the_loop_reads_each_steps_loss_while_the_next_step_runs(store, tmp_path, monkeypatch):
+    """No sync per step: step s's reduced loss is read (on_step, logging, NaN check) after step s+1
+    has been queued, and micro-batches come from a one-ahead prefetch (pinned on CUDA)."""
+    import deepspeed
+    from ar_model.train import _Prefetch
+    taken = {"steps": 0}
+    init = deepspeed.initialize
+
+    def counted(**kw):
+        out = init(**kw)
+        real = out[0].step
+        out[0].step = lambda *a, **k: (taken.__setitem__("steps", taken["steps"] + 1), real(*a, **k))[1]
+        return out
+    monkeypatch.setattr(deepspeed, "initialize", counted)
+    seen = []
+    train(cfg_of("train.steps=4", "train.ckpt_every=100"), store, tmp_path / "run",
+          on_step=lambda s, loss: seen.append((s, taken["steps"])))
+    assert seen == [(1, 2), (2, 3), (3, 4), (4, 4)]                # the last one at the final save
+
+    class Batches:
+        calls = []
+
+        def get(self, pos):
+            self.calls.append(pos)
+            return torch.full((2, 3), pos), torch.tensor([pos, pos])
+    b = Batches()
+    feed = _Prefetch(b, torch.device("cpu"))
+    assert not feed.pin and feed.take(5)[0][0, 0] == 5 and b.calls == [5, 6]
+    assert feed.take(6)[1].tolist() == [6, 6] and b.calls == [5, 6, 7]     # 6 was ready: only 7 is read
+    assert _Prefetch(b, torch.device("cuda", 0)).pin
