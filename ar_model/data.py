@@ -93,3 +93,23 @@ def val_batches(store: TokenStore, indices: np.ndarray, batch_size: int, rank: i
             idx = indices[:1]
         codes, labels = gather(store, idx, np.zeros_like(idx))
         yield codes, labels, weight
+
+
+class Prefetch:
+    """Micro-batches on the device one ahead: batch ``pos + 1`` is gathered from the memory-mapped store
+    (and pinned, on CUDA, for an asynchronous copy) while batch ``pos`` trains."""
+
+    def __init__(self, batches: TokenBatches, device: torch.device):
+        self.batches, self.device, self.pin = batches, device, device.type == "cuda"
+        self.ahead: tuple[int, tuple] | None = None
+
+    def _load(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, labels = self.batches.get(pos)
+        if self.pin:
+            codes, labels = codes.pin_memory(), labels.pin_memory()
+        return codes.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def take(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        got = self.ahead[1] if self.ahead is not None and self.ahead[0] == pos else self._load(pos)
+        self.ahead = (pos + 1, self._load(pos + 1))
+        return got

@@ -43,7 +43,7 @@ import torch
 
 from ar_model.checkpointing import (check_resume_meta, find_resume, fp32_masters, load_ema, load_resume_state,
                                     save_training_checkpoint, vet_engine_files)
-from ar_model.data import TokenBatches, split_indices, val_batches
+from ar_model.data import Prefetch, TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
 from groupgen import checkpoint as ckpt
@@ -371,7 +371,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
               f"{len(val_idx)} val samples, world {world}, ZeRO-{stage}, {'bf16' if bf16 else 'fp32'}, "
               f"{threads} threads, start step {step}", file=sys.stderr)
     start = step
-    feed = _Prefetch(batches, device)
+    feed = Prefetch(batches, device)
     pending = None   # (step, reduced tensor, async handle, start time, data position) of the last step
     lr_of: dict[int, float] = {}
 
@@ -476,26 +476,6 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if stop.signum == signal.SIGTERM:
         raise SystemExit(128 + signal.SIGTERM)
     return out
-
-
-class _Prefetch:
-    """Micro-batches on the device one ahead: batch ``pos + 1`` is gathered from the memory-mapped store
-    (and pinned, on CUDA, for an asynchronous copy) while batch ``pos`` trains."""
-
-    def __init__(self, batches: TokenBatches, device: torch.device):
-        self.batches, self.device, self.pin = batches, device, device.type == "cuda"
-        self.ahead: tuple[int, tuple] | None = None
-
-    def _load(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        codes, labels = self.batches.get(pos)
-        if self.pin:
-            codes, labels = codes.pin_memory(), labels.pin_memory()
-        return codes.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-    def take(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        got = self.ahead[1] if self.ahead is not None and self.ahead[0] == pos else self._load(pos)
-        self.ahead = (pos + 1, self._load(pos + 1))
-        return got
 
 
 def all_finite(gpt: GPT) -> bool:

@@ -438,7 +438,7 @@ def test_the_loop_reads_each_steps_loss_while_the_next_step_runs(store, tmp_path
     """No sync per step: step s's reduced loss is read (on_step, logging, NaN check) after step s+1
     has been queued, and micro-batches come from a one-ahead prefetch (pinned on CUDA)."""
     import deepspeed
-    from ar_model.train import _Prefetch
+    from ar_model.data import Prefetch
     taken = {"steps": 0}
     init = deepspeed.initialize
 
@@ -460,7 +460,7 @@ def test_the_loop_reads_each_steps_loss_while_the_next_step_runs(store, tmp_path
             self.calls.append(pos)
             return torch.full((2, 3), pos), torch.tensor([pos, pos])
     b = Batches()
-    feed = _Prefetch(b, torch.device("cpu"))
+    feed = Prefetch(b, torch.device("cpu"))
     assert not feed.pin and feed.take(5)[0][0, 0] == 5 and b.calls == [5, 6]
     assert feed.take(6)[1].tolist() == [6, 6] and b.calls == [5, 6, 7]     # 6 was ready: only 7 is read
-    assert _Prefetch(b, torch.device("cuda", 0)).pin
+    assert Prefetch(b, torch.device("cuda", 0)).pin
