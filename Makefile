@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-slow compare bench llamagen-check clean-runs
+.PHONY: setup demo test test-slow compare bench llamagen-check clean-runs gpu-check
 setup: $(VENV)/.installed /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz:
@@ -43,3 +43,7 @@ llamagen-check:
 	  echo "make bench: LLAMAGEN='$(LLAMAGEN)' is not a LlamaGen checkout. Clone it outside this repo and pass it:" >&2; \
 	  echo "  git clone https://github.com/FoundationVision/LlamaGen ../LlamaGen && make bench LLAMAGEN=../LlamaGen" >&2; \
 	  exit 2; fi
+
+# README's ImageNet commands at reduced size on one CUDA GPU (real launchers, NCCL); exits 3 without CUDA.
+gpu-check: setup
+	$(PY) bench/cluster_check.py $(ARGS)
