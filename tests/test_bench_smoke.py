@@ -40,3 +40,9 @@ def test_train_kernels_bench_quick(tmp_path):
         return
     assert len(R["cases"]) == 9
     assert all(r["ratio"] > 0 and r["kernel"]["ms"] > 0 and r["pytorch"]["ms"] > 0 for r in R["cases"].values())
+
+
+def test_data_pipeline_bench_quick(tmp_path):
+    from bench import data_pipeline
+    R = data_pipeline.main(["--workers", "0,1", "--batches", "2", "--batch-size", "2", "--json", str(tmp_path / "d.json")])
+    assert set(R["rows"]) == {"workers=0", "workers=1"} and all(r["images_per_s"] > 0 for r in R["rows"].values())
