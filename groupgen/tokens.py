@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text
+from .diskspace import check_free, reserve, reserved_memmap
 from .layout import LayoutError, TokenLayout
 
 
@@ -44,15 +45,18 @@ class TokenStoreWriter:
                 raise TokenStoreError(f"{self.root}: an existing token store with a different header is in the "
                                       f"way ({'; '.join(diffs)}); remove it or write elsewhere")
             self.header = old
+            for f in ("codes.npy", "labels.npy"):   # a store begun before stores were preallocated
+                reserve(self.root / f, "token store")
             self.codes = np.load(self.root / "codes.npy", mmap_mode="r+")
             self.labels = np.load(self.root / "labels.npy", mmap_mode="r+")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
+            check_free(self.root, n * views * layout.L * layout.G * self.dtype.itemsize + n * 8 + 4096,
+                       "token store")
             (self.root / "done").mkdir(exist_ok=True)
-            self.codes = np.lib.format.open_memmap(self.root / "codes.npy", mode="w+", dtype=self.dtype,
-                                                   shape=(n, views, layout.L, layout.G))
-            self.labels = np.lib.format.open_memmap(self.root / "labels.npy", mode="w+", dtype=np.int64,
-                                                    shape=(n,))
+            self.codes = reserved_memmap(self.root / "codes.npy", self.dtype, (n, views, layout.L, layout.G),
+                                         "token store")
+            self.labels = reserved_memmap(self.root / "labels.npy", np.int64, (n,), "token store")
             self.header = header
             atomic_write_text(hfile, json.dumps(header, indent=1))
 
