@@ -54,6 +54,8 @@ def is_disk_full(e: BaseException) -> bool:
         return False   # already explained
     if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
         return True
+    if isinstance(e, Exception) and ("No space left on device" in str(e) or "os error 28" in str(e)):
+        return True   # e.g. safetensors' SafetensorError, which carries no errno
     return isinstance(e, RuntimeError) and any(m in str(e) for m in _FULL_MESSAGES)
 
 
@@ -62,7 +64,7 @@ def as_disk_full(e: BaseException, path: str | Path, need: int, what: str = "") 
     if not is_disk_full(e):
         return None
     free = free_bytes(path)
-    if isinstance(e, RuntimeError) and free >= need:
+    if isinstance(e, RuntimeError) and free >= need and "No space left" not in str(e):
         return None   # a writer's message that only looks like a full disk
     return DiskFullError(path, need, free, what)
 
