@@ -191,8 +191,11 @@ def hold_run_folder(folder: str | Path, what: str, rank: int | None = None) -> R
     except ImportError:
         shared = False
     if shared:
-        box = [msg]
-        dist.broadcast_object_list(box, src=0)
+        box, device = [msg], None
+        if dist.get_backend() == "nccl":   # objects travel on this rank's GPU, not on cuda:0 of every rank
+            import torch
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        dist.broadcast_object_list(box, src=0, device=device)
         msg = box[0]
     if msg:
         raise RunLockedError(msg)
