@@ -22,11 +22,12 @@ _FULL_MESSAGES = ("iostream error", "unexpected pos", "No space left", "PytorchS
 class DiskFullError(OSError):
     """Not enough free space for a write; the message names the path, bytes needed and bytes free."""
 
-    def __init__(self, path, need: int, free: int, what: str = ""):
+    def __init__(self, path, need: int, free: int, what: str = "", cause: str = ""):
         self.path, self.need, self.free = str(path), int(need), int(free)
+        why = f" ({cause})" if cause else ""   # e.g. a quota, when the disk itself still has room
         super().__init__(errno.ENOSPC, f"disk full: {what + ' at ' if what else ''}{path} needs {_size(need)}, "
-                                       f"{_size(free)} free; free space there (or write elsewhere) and re-run "
-                                       f"the same command to resume")
+                                       f"{_size(free)} free{why}; free space there (or write elsewhere) and "
+                                       f"re-run the same command to resume")
 
     def __str__(self):
         return self.strerror
@@ -66,7 +67,7 @@ def as_disk_full(e: BaseException, path: str | Path, need: int, what: str = "") 
     free = free_bytes(path)
     if isinstance(e, RuntimeError) and free >= need and "No space left" not in str(e):
         return None   # a writer's message that only looks like a full disk
-    return DiskFullError(path, need, free, what)
+    return DiskFullError(path, need, free, what, f"{type(e).__name__}: {e}"[:200])
 
 
 @contextlib.contextmanager
