@@ -25,8 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from groupgen.checkpoint import atomic_write_text, checkpoint_hash, load_meta, resolve_checkpoint
-from groupgen.checkpoint import CheckpointError
+from groupgen.checkpoint import CheckpointError, atomic_write_text, checkpoint_hash, load_meta, resolve_checkpoint
 from groupgen.cli import user_errors
 from groupgen.config import ConfigError, config_hash, load_config, to_dict
 from groupgen.layout import LayoutError, TokenLayout
