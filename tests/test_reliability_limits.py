@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from _campaign import HELPER, SAMPLE_ARGS, TOK_ARGS, TOK_CFG, finish, make_store, start
-from _env import REPO, child_env
+from _campaign import SAMPLE_ARGS, TOK_ARGS, TOK_CFG, finish, start
+from _env import REPO
 from groupgen import diskspace
 from groupgen.checkpoint import CheckpointError, latest_checkpoint, load_tensors, save_checkpoint
 from groupgen.diskspace import DiskFullError

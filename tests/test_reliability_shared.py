@@ -15,18 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from _campaign import HELPER, TOK_ARGS, TOK_CFG, finish, make_store, start
+from _campaign import HELPER, TOK_ARGS, TOK_CFG, finish, start
 from _env import REPO, child_env
 from groupgen import runlock
-from groupgen.checkpoint import CheckpointError, latest_checkpoint, load_tensors, save_checkpoint
+from groupgen.checkpoint import latest_checkpoint, load_tensors
 from groupgen.data import DataConfig, DataError, build_dataset
-from groupgen.diskspace import DiskFullError
 from groupgen.runlock import RunLockedError, acquire
-from groupgen.tokens import TokenStore, TokenStoreWriter
-from groupgen.layout import TokenLayout
+from groupgen.tokens import TokenStore
 
 HOST = socket.gethostname()
 HOLD = ("import sys, time\nfrom groupgen.runlock import acquire\nlock = acquire(sys.argv[1], 'test holder')\n"
