@@ -151,6 +151,18 @@ def test_ar_full_disk_then_resume_cleans_the_partial_engine_folder(tmp_path, sto
         assert latest_checkpoint(run / "checkpoints").name == "step_00000002"
 
 
+def test_any_enospc_reaching_a_cli_is_one_line(tmp_path, capfd):
+    from groupgen.cli import user_errors
+
+    with pytest.raises(SystemExit) as e, user_errors("prog"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    err = capfd.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1
+    assert err.startswith(f"prog: error: disk full writing {tmp_path / 'metrics.jsonl'}, ") and "bytes free" in err
+    with pytest.raises(ZeroDivisionError), user_errors("prog"):   # a bug keeps its traceback
+        1 / 0
+
+
 # ============================================================================ 5. weights and tokenizer
 def test_nan_weights_and_truncated_weights_are_refused_naming_the_file(tmp_path, models):
     from safetensors.torch import load_file, save_file
