@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,15 @@ def prune(root: Path, keep_last: int) -> None:
     for old in steps[:-keep_last]:
         if latest is None or old.name != latest.name:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_partial_saves(root: Path) -> None:
+    """Remove what a save cut short (a full disk, a kill) left: ``.ds-step_*`` (DeepSpeed's engine
+    files), ``.build-step_*`` and ``.tmp-*`` folders. Only the run folder's lock holder calls this, so none
+    belongs to a live save."""
+    for d in sorted(root.glob(".ds-step_*")) + sorted(root.glob(".build-step_*")) + sorted(root.glob(".tmp-*")):
+        print(f"[ar-train] removing {d}, left by a save that did not finish", file=sys.stderr, flush=True)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def save_training_checkpoint(engine, root: Path, step: int, meta: dict, state: dict, stage: int,

@@ -41,13 +41,16 @@ if __package__ in (None, ""):  # run as a file (e.g. the deepspeed launcher with
 import numpy as np
 import torch
 
-from ar_model.checkpointing import (check_resume_meta, find_resume, fp32_masters, load_ema, load_resume_state,
-                                    save_training_checkpoint, vet_engine_files)
+from ar_model.checkpointing import (check_resume_meta, clean_partial_saves, find_resume, fp32_masters, load_ema,
+                                    load_resume_state, save_training_checkpoint, vet_engine_files)
 from ar_model.data import Prefetch, TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
 from groupgen import checkpoint as ckpt
+from groupgen.cli import user_errors
 from groupgen.config import ConfigError, load_config, save_config, to_dict
+from groupgen.diskspace import disk_full_guard
+from groupgen.runlock import hold_run_folder
 from groupgen.runs import MetricsLog, Timer, progress, read_jsonl, seed_everything, set_threads
 from groupgen.tokens import TokenStore
 
@@ -292,6 +295,9 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if resume_from is not None:   # fail fast, before any engine is built
         check_resume_meta(ckpt.load_meta(resume_from), resume_from, store, gpt_cfg, world, stage)
         st = load_resume_state(resume_from)
+    run_lock = hold_run_folder(run, "ar_model.train", rank)  # noqa: F841 (held until train returns)
+    if rank == 0:
+        clean_partial_saves(root)
 
     seed_everything(tc.seed)                     # identical init on every rank
     if stage == 3:
@@ -350,7 +356,9 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     def save(at: int) -> Path:
         # the loss window too: a resume then logs the same means as an uninterrupted run
         state = {"step": at, "data_pos": pos, "world_size": world, "log_window": win.clone(), "log_window_n": win_n}
-        return save_training_checkpoint(engine, root, at, meta, state, stage, rank, tc.keep_last, ema)
+        # DeepSpeed's torch.save on a full disk says "iostream error"; ~16 bytes/parameter (weights, Adam)
+        with disk_full_guard(root, 16 * n_params, f"checkpoint step {at}"):
+            return save_training_checkpoint(engine, root, at, meta, state, stage, rank, tc.keep_last, ema)
 
     def run_eval(at: int) -> dict:
         if len(val_idx) == 0:
@@ -528,7 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
         resolve_gpt_config(cfg.model)
     except ConfigError as e:
         p.error(str(e))
-    res = train(cfg, a.tokens, a.out)
+    with user_errors(p.prog, (ckpt.CheckpointError,)):
+        res = train(cfg, a.tokens, a.out)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(res, indent=1))
     return res

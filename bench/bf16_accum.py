@@ -1,6 +1,7 @@
-"""bf16 training's gradient arithmetic, at equal steps: DeepSpeed bf16 with ZeRO-1 summing gradients
-in fp32 (BF16_Optimizer, the trainer's default since session 11) vs in bf16 (``data_types:
-grad_accum_dtype bf16``), against fp32 training. Same data, seed, model and recipe; micro-batches
+"""bf16 training's arithmetic, at equal steps: DeepSpeed bf16 (bf16 module weights and residual
+stream, fp32 masters) with ZeRO-1 summing gradients in fp32 (BF16_Optimizer, the trainer's default
+since session 11) or in bf16 (``data_types: grad_accum_dtype bf16``); LlamaGen's way (fp32 weights
+under bf16 autocast: DeepSpeed's bf16 off, autocast on); and fp32 training. Same data, seed, model and recipe; micro-batches
 accumulated (grad_accum) so that the sum's precision matters.
 
     python bench/bf16_accum.py [--tokens STORE] [--steps 300] [--seeds 0,1,2] [--json out.json]
@@ -57,7 +58,7 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bf16acc-"))
     store = Path(a.tokens) if a.tokens else synthetic_store(work / "store")
     arms = {"fp32": ["train.precision=fp32"], "bf16, fp32 sums": ["train.precision=bf16"],
-            "bf16, bf16 sums": ["train.precision=bf16"]}
+            "bf16, bf16 sums": ["train.precision=bf16"], "autocast, fp32 weights": ["train.precision=bf16"]}
     real_cfg = T._ds_config
     out: dict = {"steps": a.steps, "store": str(store), "arms": {}}
     for arm, ov in arms.items():
@@ -67,6 +68,9 @@ def main(argv=None) -> dict:
                 d = real_cfg(tc, world, bf16)
                 if _arm == "bf16, bf16 sums":
                     d["data_types"] = {"grad_accum_dtype": "bf16"}
+                if _arm == "autocast, fp32 weights":   # the trainer still autocasts to bf16
+                    d["bf16"] = {"enabled": False}
+                    d.pop("data_types", None)
                 return d
             T._ds_config = ds_cfg
             cfg = load_config(T.ARTrainConfig, str(REPO / "configs/ar/fmnist_tiny.yaml"),

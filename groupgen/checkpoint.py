@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .diskspace import as_disk_full
 
 
 class CheckpointError(RuntimeError):
@@ -112,8 +115,12 @@ def write_checkpoint_dir(path: str | Path, tensors: dict[str, dict[str, torch.Te
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(t.numel() * t.element_size() for sd in tensors.values() for t in sd.values())
+        full = as_disk_full(e, path.parent, 3 * need if state is not None else need, f"checkpoint {path.name}")
+        if full is not None:   # torch.save on a full disk says only "iostream error" / "unexpected pos"
+            raise full from e
         raise
     return path
 
@@ -171,13 +178,24 @@ def load_meta(path: str | Path) -> dict:
         raise CheckpointError(f"{p / 'meta.json'} is not valid JSON: {e}") from None
 
 
-def load_tensors(path: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
+def load_tensors(path: str | Path, name: str = "model", finite: bool = True) -> dict[str, torch.Tensor]:
+    """One tensor group of a checkpoint; non-finite weights are refused unless ``finite=False``."""
     p = resolve_checkpoint(path)
     f = p / f"{name}.safetensors"
     if not f.is_file():
         have = sorted(x.stem for x in p.glob("*.safetensors"))
         raise CheckpointError(f"{p}: no tensor file {f.name!r}; have {have}")
-    return load_file(str(f))
+    try:
+        sd = load_file(str(f))
+    except (SafetensorError, OSError) as e:   # truncated or not safetensors: its message names no file
+        raise CheckpointError(f"{f}: cannot read the weights ({type(e).__name__}: {e}); the file is damaged "
+                              f"or truncated") from None
+    if finite:
+        bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"{f}: {len(bad)} of {len(sd)} tensors hold NaN or Inf (e.g. {bad[:3]}); "
+                                  f"refusing weights that would produce garbage")
+    return sd
 
 
 def load_state(path: str | Path) -> dict:

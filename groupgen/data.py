@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+from .checkpoint import atomic_write_text
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -36,7 +40,7 @@ class DataConfig:
     resize: str = "pad"             # fmnist/digits: "pad" (28->32 zero border) or "resize" (bilinear)
     limit: int = 0                  # use only N images (0 = all): fmnist/digits the first N,
                                     # imagefolder N spread over the classes
-    skip_corrupt: bool = False      # imagefolder: skip unreadable files (counted) instead of failing
+    skip_corrupt: bool = False      # imagefolder: drop unreadable files (listed) instead of failing
     crop_min: float = 0.8           # imagefolder training: random crop scale range [crop_min, 1]
     hflip: bool = True              # imagefolder training: random horizontal flip
 
@@ -191,12 +195,15 @@ class ImageFolderDataset(Dataset):
             for f in sorted((root / c).rglob("*")):
                 if f.suffix.lower() in IMG_EXTS:
                     self.files.append((f, ci))
-        if cfg.limit and cfg.limit > 0:
-            self.files = _spread_over_classes(self.files, cfg.limit)
         if not self.files:
             raise DataError(f"imagefolder {root}: no images with extensions {sorted(IMG_EXTS)}")
+        _refuse_empty_classes(root, classes, self.files, "have no images with extensions " + str(sorted(IMG_EXTS)))
+        if cfg.limit and cfg.limit > 0:
+            self.files = _spread_over_classes(self.files, cfg.limit)
         self.cfg, self.train, self.class_names = cfg, train, classes
         self.skipped: list[str] = []
+        if cfg.skip_corrupt:
+            self._drop_unreadable(root)
 
     @property
     def num_classes(self) -> int:
@@ -205,16 +212,40 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _drop_unreadable(self, root: Path) -> None:
+        """Decode every file once (threads: Pillow decodes without the GIL) and drop the unreadable ones
+        with their labels, so a sample is skipped, never replaced by another file."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def readable(item):
+            try:
+                self._load(item[0])
+                return True
+            except DataError:
+                return False
+
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            ok = list(pool.map(readable, self.files))
+        self.skipped = [str(f) for (f, _), good in zip(self.files, ok) if not good]
+        self.files = [item for item, good in zip(self.files, ok) if good]
+        if self.skipped:
+            print(f"imagefolder {root}: data.skip_corrupt=true dropped {len(self.skipped)} unreadable files: "
+                  f"{', '.join(self.skipped[:10])}{' ...' if len(self.skipped) > 10 else ''}", file=sys.stderr)
+        if not self.files:
+            raise DataError(f"imagefolder {root}: no readable image among {len(self.skipped)} files")
+        if not (self.cfg.limit and self.cfg.limit > 0):
+            _refuse_empty_classes(root, self.class_names, self.files, "have no readable image left (skip_corrupt)")
+
     def _load(self, path: Path):
         from PIL import Image
 
         try:
             with Image.open(path) as im:
                 im.load()
-                # grey, palette, CMYK, RGBA (alpha dropped over white would be a choice; we drop it)
-                return im.convert("RGB")
+                return _to_rgb(im)
         except Exception as e:
-            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+            hint = "" if self.cfg.skip_corrupt else "; data.skip_corrupt=true drops unreadable files instead"
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}{hint}") from None
 
     def _crop(self, im):
         from PIL import Image
@@ -239,22 +270,45 @@ class ImageFolderDataset(Dataset):
         return im.crop((l, t, l + s, t + s))
 
     def __getitem__(self, i):
-        for attempt in range(len(self)):
-            path, label = self.files[(i + attempt) % len(self)]
-            try:
-                im = self._load(path)
-                break
-            except DataError:
-                if not self.cfg.skip_corrupt:
-                    raise
-                self.skipped.append(str(path))  # counted; the next readable file stands in
-        else:
-            raise DataError(f"imagefolder {self.cfg.root}: no readable image among {len(self)} files")
+        path, label = self.files[i]
+        im = self._load(path)   # unreadable files were dropped at construction under skip_corrupt
         arr = np.asarray(self._crop(im), dtype=np.uint8)
         x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         if self.cfg.channels == 1:
             x = x.mean(0, keepdim=True)
         return x, label
+
+
+def _refuse_empty_classes(root: Path, classes: list[str], files: list[tuple[Path, int]], why: str) -> None:
+    """A class without images would be a label the model never sees (and a class in every later count)."""
+    have = {c for _, c in files}
+    empty = [c for i, c in enumerate(classes) if i not in have]
+    if empty:
+        raise DataError(f"imagefolder {root}: class folders {empty[:20]}{' ...' if len(empty) > 20 else ''} {why}; "
+                        f"remove them or add images")
+
+
+def _to_rgb(im):
+    """Any Pillow image as 8-bit RGB. 16/32-bit grey (``I;16*``, ``I``) is scaled to 0..255 first:
+    Pillow's own convert clips it at 255, so a 16-bit image would come out almost white."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":   # float images: taken as 0..1
+        a = np.asarray(im).astype(np.float64)
+        im = Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), "L")
+    # grey, palette, CMYK, RGBA (alpha dropped over white would be a choice; we drop it)
+    return im.convert("RGB")
+
+
+def write_skipped(ds: Dataset, out: str | Path) -> None:
+    """Write the files ``data.skip_corrupt`` dropped to ``out/skipped_files.json`` (nothing if none)."""
+    skipped = getattr(ds, "skipped", None)
+    if skipped:
+        atomic_write_text(Path(out) / "skipped_files.json", json.dumps(
+            {"count": len(skipped), "root": str(getattr(ds.cfg, "root", "")), "files": skipped}, indent=1))
 
 
 def loader_batches(ds: Dataset, indices, batch_size: int):

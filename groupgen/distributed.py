@@ -80,6 +80,15 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a group)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
+
+
 def barrier() -> None:
     if not active():
         return

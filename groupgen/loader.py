@@ -8,6 +8,7 @@ are sliced in the main process, where a worker would only add a copy.
 """
 from __future__ import annotations
 
+import os
 import random
 from typing import Callable, Sequence
 
@@ -55,6 +56,9 @@ def image_batches(ds, batches: Sequence[Sequence[int]], *, workers: int = 0, see
             yield ds.batch(idx)
         return
     work = _Batches(ds, batches, seed, first)
+    # no more decoding processes than this rank's share of the node's cores (a 2-core box gets 1)
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    workers = min(workers, max(1, (os.cpu_count() or 1) // ranks_here - 1)) if workers > 0 else 0
     if workers <= 0:
         state = _save_rng()
         try:

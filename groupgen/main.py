@@ -16,13 +16,16 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import atomic_copyfile, atomic_write_text
+from .cli import user_errors
 from .config import ConfigError, config_hash, load_config, save_config
+from .runlock import hold_run_folder
 from .runs import set_threads
 
 STAGES = ("tokenizer", "encode", "ar", "sample", "eval")
@@ -130,7 +133,7 @@ class Pipeline:
         if isinstance(result, dict) and (result.get("interrupted") or result.get("stopped_early")):
             # a trainer stopped by a signal saved a checkpoint and returned: resume it next time,
             # never mark it finished
-            _log(f"stage {name}: interrupted at step {result.get('step')}; re-run the same command to resume")
+            _log(f"stage {name}: interrupted at step {result.get('step')}")
             raise SystemExit(143)
         self.timings[name] = round(time.perf_counter() - t0, 1)
         result = dict(result or {}, seconds=self.timings[name])
@@ -153,6 +156,7 @@ class Pipeline:
         ar_cfg = load_config(ARTrainConfig, c.ar.config or None, c.ar.overrides)
         s_cfg = load_config(SamplingConfig, c.sampling.config or None, c.sampling.overrides)
         e_cfg = load_config(GenEvalConfig, None, [f"extractor={c.eval.extractor}"] + c.eval.overrides)
+        run_lock = hold_run_folder(self.out, "groupgen.main")   # one job per out= (held until run returns)
         save_config(c, self.out / "config.yaml")
 
         tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": dataclasses.asdict(tok_cfg)},
@@ -202,6 +206,7 @@ class Pipeline:
         self.report(metrics)
         self.drop_set_aside()
         _log(f"finished in {metrics['wall_seconds']:.0f}s; see {self.out / 'report.md'}")
+        run_lock.release()
         return metrics
 
     def drop_set_aside(self) -> None:
@@ -263,9 +268,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="configs/main/fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'ar.overrides=[train.steps=50]'")
     args = ap.parse_args(argv)
-    cfg = load_config(MainConfig, args.config, args.overrides)
-    set_threads(cfg.threads)
-    return Pipeline(cfg).run()
+    with user_errors(ap.prog):
+        cfg = load_config(MainConfig, args.config, args.overrides)
+        set_threads(cfg.threads)
+        return _run_until_signal(Pipeline(cfg))
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a trainer (which checkpoints and stops on its own): unwind and say how to resume."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
+def _run_until_signal(pipe: Pipeline) -> dict:
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return pipe.run()
+    except (Terminated, KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, SystemExit) and e.code not in (130, 143):
+            raise
+        code = 130 if isinstance(e, KeyboardInterrupt) or getattr(e, "code", 0) == 130 else 143
+        _log(f"stopped by {'SIGINT' if code == 130 else 'SIGTERM'}; finished stages and saved checkpoints in "
+             f"{pipe.out} are kept: re-run the same command to resume")
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

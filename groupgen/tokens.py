@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write_text
+from .diskspace import check_free, reserve, reserved_memmap
 from .layout import LayoutError, TokenLayout
 
 
@@ -44,15 +45,18 @@ class TokenStoreWriter:
                 raise TokenStoreError(f"{self.root}: an existing token store with a different header is in the "
                                       f"way ({'; '.join(diffs)}); remove it or write elsewhere")
             self.header = old
+            for f in ("codes.npy", "labels.npy"):   # a store begun before stores were preallocated
+                reserve(self.root / f, "token store")
             self.codes = np.load(self.root / "codes.npy", mmap_mode="r+")
             self.labels = np.load(self.root / "labels.npy", mmap_mode="r+")
         else:
             self.root.mkdir(parents=True, exist_ok=True)
+            check_free(self.root, n * views * layout.L * layout.G * self.dtype.itemsize + n * 8 + 4096,
+                       "token store")
             (self.root / "done").mkdir(exist_ok=True)
-            self.codes = np.lib.format.open_memmap(self.root / "codes.npy", mode="w+", dtype=self.dtype,
-                                                   shape=(n, views, layout.L, layout.G))
-            self.labels = np.lib.format.open_memmap(self.root / "labels.npy", mode="w+", dtype=np.int64,
-                                                    shape=(n,))
+            self.codes = reserved_memmap(self.root / "codes.npy", self.dtype, (n, views, layout.L, layout.G),
+                                         "token store")
+            self.labels = reserved_memmap(self.root / "labels.npy", np.int64, (n,), "token store")
             self.header = header
             atomic_write_text(hfile, json.dumps(header, indent=1))
 
@@ -89,6 +93,7 @@ class TokenStoreWriter:
         if missing:
             raise TokenStoreError(f"{self.root}: chunks {missing[:5]}... not written yet")
         self.header["code_max"] = [int(v) for v in np.max([self._chunk_max(c) for c in range(self.num_chunks)], 0)]
+        self.header["codes_stamp"] = _stamp(self.root / "codes.npy")
         self.header["complete"] = True
         atomic_write_text(self.root / "header.json", json.dumps(self.header, indent=1))
 
@@ -102,6 +107,12 @@ class TokenStoreWriter:
         a, b = self.chunk_range(ci)   # a marker from before maxima were kept: read the chunk once
         return np.asarray(self.codes[a:b].reshape(-1, self.layout.G).max(0) if b > a else np.zeros(self.layout.G),
                           dtype=np.int64)
+
+
+def _stamp(path: Path) -> dict:
+    """Size and modification time: a codes.npy written after the header (replaced, edited) is scanned."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class TokenStore:
@@ -147,8 +158,9 @@ class TokenStore:
         # which on every rank of a ten-crop ImageNet store would read 26 GB. Older stores are scanned.
         if n:
             hi = self.header.get("code_max")
-            if not (isinstance(hi, list) and len(hi) == self.layout.G and all(isinstance(v, int) for v in hi)):
-                hi = self.codes.reshape(-1, self.layout.G).max(0)
+            if not (isinstance(hi, list) and len(hi) == self.layout.G and all(isinstance(v, int) for v in hi)
+                    and self.header.get("codes_stamp") == _stamp(self.root / "codes.npy")):
+                hi = self.codes.reshape(-1, self.layout.G).max(0)   # older, or codes.npy rewritten since
             for g, k in enumerate(self.layout.K):
                 if hi[g] >= k:
                     raise TokenStoreError(f"{self.root}/codes.npy: group {g} holds index {int(hi[g])} >= K={k}")

@@ -25,9 +25,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from groupgen.checkpoint import atomic_write_text, checkpoint_hash, load_meta, resolve_checkpoint
-from groupgen.config import config_hash, load_config, to_dict
-from groupgen.layout import TokenLayout
+from groupgen.checkpoint import CheckpointError, atomic_write_text, checkpoint_hash, load_meta, resolve_checkpoint
+from groupgen.cli import user_errors
+from groupgen.config import ConfigError, config_hash, load_config, to_dict
+from groupgen.layout import LayoutError, TokenLayout
+from groupgen.runlock import hold_run_folder
 from groupgen.runs import autocast, default_device, dist_info, progress
 
 from .classes import class_names_for, resolve_classes, sample_labels
@@ -61,6 +63,8 @@ class SamplingConfig:
     grid_per_class: int = 8                  # grid columns
     grid_max_rows: int = 32                  # grid rows (classes) at most
     wait_timeout_s: float = 7200.0           # rank 0 waits this long for other ranks' chunks
+    allow_tokenizer_mismatch: bool = False   # sample with a tokenizer whose weights hash differs from the
+    #   one the prior was trained on (same layout): the prior's codes then mean other images
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -69,6 +73,9 @@ class SamplingConfig:
             raise ValueError("num_samples and per_class must be >= 0")
         if self.grid_per_class < 0 or self.grid_max_rows < 0:
             raise ValueError("grid_per_class and grid_max_rows must be >= 0")
+        scales = self.cfg_scale if isinstance(self.cfg_scale, (list, tuple)) else [self.cfg_scale]
+        if any(not s >= 0 for s in scales):   # a negative scale guides away from the class
+            raise ConfigError(f"cfg_scale must be >= 0 (1 = no guidance, 0 = unconditional), got {self.cfg_scale}")
         if self.precision == "bf16" and self.kv_cache == "fp32":
             # bf16 compute makes bf16-valued keys and values: an fp32 cache only doubles its memory
             raise ValueError("kv_cache=fp32 with precision=bf16 stores bf16 values at twice the memory; "
@@ -77,7 +84,8 @@ class SamplingConfig:
 
 # Settings that only change how results are presented (not the samples): excluded from the
 # fingerprint that guards resuming into an existing shards/ folder.
-_PRESENTATION = ("save_png", "grid_per_class", "grid_max_rows", "wait_timeout_s", "device")
+_PRESENTATION = ("save_png", "grid_per_class", "grid_max_rows", "wait_timeout_s", "device",
+                 "allow_tokenizer_mismatch")   # the tokenizer's own hash is in the fingerprint
 
 
 @dataclass
@@ -173,8 +181,12 @@ def load_models(ckpt, tokenizer=None, device="cpu", cfg: SamplingConfig | None =
     tok_hash = checkpoint_hash(tk)
     want = meta.get("tokenizer_hash")
     if want and want != tok_hash:
-        print(f"warning: tokenizer {tk} has weights hash {tok_hash}, but the AR model was trained on codes "
-              f"from a tokenizer with hash {want}", file=sys.stderr)
+        msg = (f"tokenizer {tk} has weights hash {tok_hash}, but the AR model {ck} was trained on codes from "
+               f"a tokenizer with hash {want}")
+        if not (cfg is not None and cfg.allow_tokenizer_mismatch):
+            raise SamplingError(f"{msg}; its samples would decode the prior's codes with other weights. Pass "
+                                f"the original tokenizer, or allow_tokenizer_mismatch=true to sample anyway")
+        print(f"warning: {msg} (allow_tokenizer_mismatch=true)", file=sys.stderr)
     model, meta = load_ar(ck, device=device, weights=weights)
     model = model_for_precision(model, cfg.precision if cfg is not None else "fp32")
     tok = load_tokenizer(tk, device=device)
@@ -494,6 +506,9 @@ def sample(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, rank: int | None 
     if not isinstance(ckpt, Models):  # load once; merge_shards reuses the loaded models
         device = torch.device(cfg.device) if cfg.device else default_device()
         ckpt, _ = load_models(ckpt, tokenizer, device, cfg)
+    # rank 0 owns DIR; other ranks (no process group here) only add chunk files, which are the same
+    # bytes for the same fingerprint, and a foreign fingerprint is refused by _claim_shards_dir
+    run_lock = hold_run_folder(out_dir, "sampling.sample", rank) if rank == 0 else None  # noqa: F841
     shard = run_shard(cfg, ckpt, out_dir, rank, world)
     if rank != 0:
         return shard
@@ -514,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. cfg_scale=2.0 top_k=[4096,4096]")
     args = ap.parse_args(argv)
-    cfg = load_config(SamplingConfig, args.config, args.overrides)
-    info = sample(cfg, args.ckpt, args.out, tokenizer=args.tokenizer)
+    with user_errors(ap.prog, (SamplingError, CheckpointError, LayoutError, ValueError)):
+        cfg = load_config(SamplingConfig, args.config, args.overrides)
+        info = sample(cfg, args.ckpt, args.out, tokenizer=args.tokenizer)
     if "num_samples" in info:
         t = info["timings"]
         print(f"wrote {info['num_samples']} samples to {args.out} "

@@ -149,18 +149,21 @@ def test_imagefolder_truncated_and_corrupt_images_are_named(tmp_path):
     for i, f in ((1, trunc), (2, junk)):
         with pytest.raises(DataError, match=re.escape(str(f))):
             ds[i]
-    ds = build_dataset(DataConfig(**{**cfg.__dict__, "skip_corrupt": True}), "train")
-    x, y = ds[1]                                         # falls through to the next readable one (wraps to 0)
-    assert x.shape == (3, 8, 8) and ds.skipped[:2] == [str(trunc), str(junk)]
+    skip = DataConfig(**{**cfg.__dict__, "skip_corrupt": True})
+    with pytest.raises(DataError, match=r"class folders \['b'\] have no readable image left"):
+        build_dataset(skip, "train")                     # dropping both of b's files would empty the class
+    ok = _png(root / "b" / "ok.png", 2)
+    ds = build_dataset(skip, "train")                    # unreadable files are dropped, never replaced
+    assert [(f, y) for f, y in ds.files] == [(root / "a" / "good.png", 0), (ok, 1)]
+    assert ds.skipped == [str(trunc), str(junk)] and ds[1][0].shape == (3, 8, 8)
 
 
 def test_imagefolder_skip_corrupt_with_no_readable_image_is_a_clear_error(tmp_path):
     for i in range(2):
         (tmp_path / "a").mkdir(exist_ok=True)
         (tmp_path / "a" / f"{i}.png").write_bytes(b"garbage")
-    ds = build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), skip_corrupt=True), "train")
-    with pytest.raises(DataError, match="readable"):
-        ds[0]
+    with pytest.raises(DataError, match="no readable image among 2 files"):   # refused before any work
+        build_dataset(DataConfig(name="imagefolder", root=str(tmp_path), skip_corrupt=True), "train")
 
 
 def test_empty_missing_and_single_class_folders(tmp_path, campaign):

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 
 from groupgen.checkpoint import checkpoint_hash, load_meta, resolve_checkpoint
 from groupgen.config import ConfigError, from_dict, load_config, to_dict
-from groupgen.data import DataConfig, build_dataset
 from groupgen import distributed
+from groupgen.cli import user_errors
+from groupgen.data import DataConfig, build_dataset, write_skipped
 from groupgen.loader import image_batches
+from groupgen.runlock import hold_run_folder
 from groupgen.runs import autocast, progress, set_threads
 from groupgen.tokens import TokenStoreWriter
 
@@ -115,6 +117,9 @@ def encode(ckpt: str | Path, out_dir: str | Path, data_cfg: DataConfig | None = 
                       **({"crop_frac": cfg.crop_frac} if cfg.view_kind == "crops" else {})},
             "data": to_dict(data_cfg), "split": cfg.split}
     out = Path(out_dir)
+    run_lock = hold_run_folder(out, "tokenizer.encode", rank)  # noqa: F841 (held until encode returns)
+    if rank == 0:
+        write_skipped(ds, out)
     args = dict(layout=tok.layout, n=len(ds), views=cfg.views, num_classes=ds.num_classes,
                 chunk_size=cfg.chunk_size, meta=meta, class_names=list(ds.class_names))
     if rank == 0:
@@ -162,8 +167,9 @@ def main():
         ap.add_argument("--ckpt", required=True, help="tokenizer checkpoint, checkpoint root or run dir")
         ap.add_argument("--out", required=True, help="token store directory")
     args = parse_cli("Encode a dataset into a token store", extra)
-    cfg = load_config(EncodeConfig, args.config, args.overrides)
-    encode(args.ckpt, args.out, cfg=cfg)
+    with user_errors("python -m tokenizer.encode"):
+        cfg = load_config(EncodeConfig, args.config, args.overrides)
+        encode(args.ckpt, args.out, cfg=cfg)
     distributed.destroy()
 
 

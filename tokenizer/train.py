@@ -24,10 +24,12 @@ import torch
 
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors,
                                  rng_state, save_checkpoint, set_rng_state)
+from groupgen.cli import user_errors
 from groupgen.config import ConfigError, load_config, save_config, to_dict
-from groupgen.data import DataConfig, build_dataset
-from groupgen.loader import StepBatches, image_batches
 from groupgen import distributed
+from groupgen.data import DataConfig, build_dataset, write_skipped
+from groupgen.loader import StepBatches, image_batches
+from groupgen.runlock import hold_run_folder
 from groupgen.runs import MetricsLog, autocast, progress, seed_everything, set_threads
 
 from .losses import (LossConfig, PatchDiscriminator, adaptive_weight, build_lpips, gan_active, hinge_d_loss,
@@ -62,8 +64,12 @@ class TrainConfig:
     def validate(self):
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ConfigError("train.steps must be >= 0 and train.batch_size >= 1")
+        for key in ("steps", "batch_size", "log_every"):   # steps=0 would save an untrained checkpoint
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("ckpt_every", "sample_every", "eval_every", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.workers < 0:
             raise ConfigError(f"train.workers must be >= 0, got {self.workers}")
 
@@ -219,8 +225,10 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     ck = latest_checkpoint(ckroot) if ckroot.is_dir() else None
     if ck is not None:
         _check_resume(cfg, load_meta(ck), ck)
+    run_lock = hold_run_folder(out, "tokenizer.train", rank)  # noqa: F841 (held until train returns)
     if rank == 0:  # only once the model built and a resume was accepted: a rejected config changes nothing
         save_config(cfg, out / "config.yaml")
+        write_skipped(ds, out)
     if ck is not None:
         model.load_state_dict(load_tensors(ck, "model"))
         st = load_state(ck)
@@ -385,9 +393,10 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
 def main():
     args = parse_cli("Train a stage-1 tokenizer",
                      lambda ap: ap.add_argument("--out", default=None, help="run dir (default runs/tokenizer/<config>)"))
-    cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
-    out = args.out or str(Path("runs/tokenizer") / (Path(args.config).stem if args.config else "default"))
-    res = train(cfg, out)
+    with user_errors("python -m tokenizer.train", (CheckpointError,)):
+        cfg = load_config(TokenizerTrainConfig, args.config, args.overrides)
+        out = args.out or str(Path("runs/tokenizer") / (Path(args.config).stem if args.config else "default"))
+        res = train(cfg, out)
     if distributed.rank_info()[0] == 0:
         import json
         print(json.dumps(res, indent=1))
