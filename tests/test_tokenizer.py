@@ -418,3 +418,25 @@ def test_tokenizer_rfid_uses_the_domain_classifier_of_its_own_data(monkeypatch):
     assert val is None and "stop" in note and seen[-1].dataset == "digits"
     val, note = _rfid(x, x, cfg, torch.device("cpu"), "imagefolder")
     assert val is None and "domain classifier exists for ['fmnist', 'digits'] only" in note and len(seen) == 1
+
+
+def test_ten_crop_encode_bounds_each_encoder_call_and_runs_in_the_training_precision(tmp_path, monkeypatch):
+    """views=10 (ten-crop) encodes at most batch_size images per encoder call (one call of batch x 10
+    at 256^2 in fp32 held tens of GB), gives the same codes as one call per batch, and runs under the
+    tokenizer's training precision; views=10 with the default flip views names the fix."""
+    import tokenizer.model as tm
+    from groupgen.config import ConfigError
+    ck = save_tok(tmp_path, tiny_model(), mg())
+    calls = []
+    real = tm.Tokenizer.encode
+    monkeypatch.setattr(tm.Tokenizer, "encode", lambda self, x: calls.append(
+        (len(x), torch.is_autocast_enabled("cpu"))) or real(self, x))
+    out = encode(ck, tmp_path / "ten", cfg=_enc_cfg(view_kind="crops", views=10))
+    assert calls and max(n for n, _ in calls) <= 8 and not any(a for _, a in calls)
+    whole = encode(ck, tmp_path / "whole", cfg=_enc_cfg(view_kind="crops", views=10, views_per_call=10))
+    assert np.array_equal(TokenStore(out).codes, TokenStore(whole).codes)
+    calls.clear()
+    encode(ck, tmp_path / "bf16", cfg=_enc_cfg(views=1, precision="bf16"))
+    assert calls and all(a for _, a in calls)
+    with pytest.raises(ConfigError, match="view_kind=crops views=10"):
+        _enc_cfg(views=10).validate()
