@@ -28,7 +28,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from groupgen.cli import user_errors
 from groupgen.config import ConfigError, load_config, save_config, to_dict
 from groupgen.diskspace import disk_full_guard
 from groupgen.runlock import hold_run_folder
-from groupgen.runs import MetricsLog, Timer, progress, read_jsonl, seed_everything, set_threads
+from groupgen.runs import MetricsLog, StopSignals, Timer, progress, read_jsonl, seed_everything, set_threads
 from groupgen.tokens import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,26 +215,6 @@ class _LossModule(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------- training
-class _Stop:
-    """SIGTERM/SIGINT only set a flag; the loop checks it (all ranks agree) and checkpoints."""
-
-    def __init__(self):
-        self.signum = 0
-        self.prev: dict = {}
-
-    def __call__(self, signum, frame):
-        self.signum = signum
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self.prev[s] = signal.signal(s, self)
-
-    def restore(self):
-        for s, h in self.prev.items():
-            signal.signal(s, h)
-
-
 @torch.no_grad()
 def evaluate(engine, store: TokenStore, indices: np.ndarray, tc: TrainSection, rank: int, world: int,
              device, bf16: bool) -> tuple[float, list[float]]:
@@ -368,7 +347,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
         metrics.write(**row)
         return row
 
-    stop = _Stop()
+    stop = StopSignals()
     stop.install()
     last, last_val, last_ckpt = {}, {}, (resume_from if resume_from else None)
     win, win_n = _log_window(st, G, resume_from)

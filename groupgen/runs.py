@@ -5,7 +5,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -104,3 +106,37 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+class StopSignals:
+    """SIGTERM/SIGINT only record the signal; a trainer's loop reads it (all ranks agree through a
+    reduction), saves a checkpoint and stops. ``install``/``restore`` or a ``with`` block; the
+    previous handlers come back afterwards. Off the main thread nothing is installed."""
+
+    def __init__(self):
+        self.signum = 0
+        self._prev: dict = {}
+
+    @property
+    def flag(self) -> bool:
+        return self.signum > 0
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._prev[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+        self._prev = {}
+
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from groupgen import distributed
 from groupgen.data import DataConfig, build_dataset, write_skipped
 from groupgen.loader import StepBatches, image_batches
 from groupgen.runlock import hold_run_folder
-from groupgen.runs import MetricsLog, autocast, progress, seed_everything, set_threads
+from groupgen.runs import MetricsLog, StopSignals, autocast, progress, seed_everything, set_threads
 
 from .losses import (LossConfig, PatchDiscriminator, adaptive_weight, build_lpips, gan_active, hinge_d_loss,
                      hinge_g_loss, recon_loss)
@@ -151,26 +149,6 @@ def save_recon_strip(x: torch.Tensor, xrec: torch.Tensor, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- trainer
-
-class _Stop:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.flag, self.old = False, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self.old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
 
 def _check_resume(cfg: TokenizerTrainConfig, meta: dict, ck: Path) -> None:
     now, old = to_dict(cfg), meta.get("config", {})
@@ -293,7 +271,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
     # step), so it is the same with any number of workers and after a resume.
     batches = image_batches(ds, StepBatches(order, step, tc.steps), workers=tc.workers, first=step,
                             seed=tc.seed * 65_537 + rank, pin_memory=device.type == "cuda")
-    with _Stop() as stop:
+    with StopSignals() as stop:
         while step < tc.steps:
             t0 = time.perf_counter()
             x = next(batches)[0].to(device, non_blocking=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels, train_ops
 
