@@ -45,5 +45,7 @@ llamagen-check:
 	  exit 2; fi
 
 # README's ImageNet commands at reduced size on one CUDA GPU (real launchers, NCCL); exits 3 without CUDA.
-gpu-check: setup
-	$(PY) bench/cluster_check.py $(ARGS)
+# No setup step: a GPU image brings its own CUDA PyTorch (GPU_PY=python3); else the venv's python.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) bench/cluster_check.py $(ARGS)

@@ -201,7 +201,8 @@ def stage_fid(plan: Plan, weights: str) -> dict:
 
 
 def check(plan: Plan, peak_tflops: float, weights: str, emit=print) -> list[dict]:
-    make_imagefolder(plan.images, size=288 if plan.gpu else 40)
+    # GPU: 128 training images, so GPT-B's batch of 32 fits; CPU tests make their own small folder
+    make_imagefolder(plan.images, per_class=32 if plan.gpu else 8, size=288 if plan.gpu else 40)
     results = []
     for fn in (stage_tokenizer, stage_encode, lambda p: stage_ar(p, 1, peak_tflops), lambda p: stage_ar(p, 3, peak_tflops),
                stage_sample, lambda p: stage_fid(p, weights)):
@@ -219,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--inception-weights", default=os.environ.get("GROUPGEN_INCEPTION_WEIGHTS", ""))
     a = ap.parse_args(argv)
+    import importlib.util
+    missing = [m for m in ("torch", "deepspeed", "lpips", "torch_fidelity") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"gpu-check: {', '.join(missing)} not installed for {sys.executable}: run `make setup`, or on a GPU "
+              f"image with its own CUDA PyTorch install groupgen's requirements and `make gpu-check GPU_PY=python3`",
+              flush=True)
+        return 2
     import torch
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a machine with one",
