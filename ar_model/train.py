@@ -359,7 +359,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
               f"{threads} threads, start step {step}", file=sys.stderr)
     start = step
     feed = Prefetch(batches, device)
-    pending = None   # (step, reduced tensor, async handle, start time, data position) of the last step
+    pending = None   # (step, reduced tensor, async handle, start time, data position, grad norm) of the last step
     lr_of: dict[int, float] = {}
 
     def settle(until: float | None = None) -> bool:
@@ -368,7 +368,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
         nonlocal pending, last, tok_time, tok_count, win, win_n
         if pending is None:
             return False
-        at, red, work, t_at, pos_at = pending
+        at, red, work, t_at, pos_at, gn = pending
         pending = None
         if work is not None:
             work.wait()
@@ -388,7 +388,6 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
         lr_at = lr_of.pop(at)
         if at % tc.log_every == 0 or at == tc.steps:
             m = (win / win_n).tolist()
-            gn = engine.get_global_grad_norm()
             last = dict(step=at, loss=m[0], **{f"loss_g{g}": x for g, x in enumerate(m[1:])},
                         uniform=uniform, lr=lr_at, **({} if gn is None else {"grad_norm": float(gn)}),
                         tok_per_s=tok_count / tok_time if tok_time else None,
@@ -425,7 +424,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
             red = torch.cat([acc / tc.grad_accum, torch.tensor([float(stop.signum > 0)], dtype=torch.float64,
                                                                device=device)])
             work = torch.distributed.all_reduce(red, async_op=True)
-            pending = (step, red, work, t0, pos)
+            pending = (step, red, work, t0, pos, engine.get_global_grad_norm())   # the norm as is: no sync
             bar.update(1)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 stop_seen = settle() or stop_seen
@@ -433,6 +432,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
             stopping = stop_seen or (tc.stop_at and step >= tc.stop_at)
             if step == tc.steps or stopping or (tc.ckpt_every and step % tc.ckpt_every == 0):
                 stop_seen = settle() or stop_seen   # a checkpoint holds every logged step and never a NaN one
+                stopping = stopping or stop_seen
                 # the loss of this step was finite, but its update may not be: never save (and call
                 # "last good") weights that are not
                 bad = torch.tensor([float(not all_finite(gpt))], dtype=torch.float64, device=device)
