@@ -44,5 +44,7 @@ def test_train_kernels_bench_quick(tmp_path):
 
 def test_data_pipeline_bench_quick(tmp_path):
     from bench import data_pipeline
-    R = data_pipeline.main(["--workers", "0,1", "--batches", "2", "--batch-size", "2", "--json", str(tmp_path / "d.json")])
-    assert set(R["rows"]) == {"workers=0", "workers=1"} and all(r["images_per_s"] > 0 for r in R["rows"].values())
+    R = data_pipeline.main(["--workers", "0,1", "--batches", "2", "--batch-size", "2", "--step-ms", "0,5",
+                            "--json", str(tmp_path / "d.json")])
+    assert set(R["rows"]) == {f"step={s}ms workers={w}" for s in (0, 5) for w in (0, 1)}
+    assert all(r["images_per_s"] > 0 for r in R["rows"].values())
