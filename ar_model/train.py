@@ -192,6 +192,10 @@ def _ds_config(tc: TrainSection, world: int, bf16: bool) -> dict:
              bf16={"enabled": bf16}, fp16={"enabled": False})
     d.setdefault("zero_optimization", {"stage": 0})
     stage = d["zero_optimization"].get("stage", 0)
+    if stage == 3:
+        # DeepSpeed's default swaps torch.nn.functional.linear for its own for the rest of the process
+        # (the bias added in a second rounding): every later F.linear, sampling included, changed
+        d["zero_optimization"]["memory_efficient_linear"] = False
     if bf16 and stage == 1:
         # bf16 gradients summed over micro-batches and ranks lose low bits; DeepSpeed's BF16_Optimizer
         # accumulates and reduces them in fp32 (ZeRO-1 only: ZeRO-0 has no such mode, ZeRO-2/3 reduce
@@ -282,7 +286,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     if stage == 3:
         # each rank holds its partition from the start (not the whole fp32 model: 12 GB for GPT-3B per
         # rank), initialised module by module exactly as a whole model would be
-        with deepspeed.zero.Init(config_dict_or_path=ds_cfg):
+        with deepspeed.zero.Init(config_dict_or_path=ds_cfg, mem_efficient_linear=False):
             gpt = GPT(gpt_cfg, layout, store.num_classes, init=False)
         gpt.init_parameters(gather=lambda ps: deepspeed.zero.GatheredParameters(ps, modifier_rank=0))
     else:
