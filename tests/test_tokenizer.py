@@ -396,3 +396,69 @@ def test_tokenizer_rfid_uses_the_domain_classifier_of_its_own_data(monkeypatch):
     assert val is None and "stop" in note and seen[-1].dataset == "digits"
     val, note = _rfid(x, x, cfg, torch.device("cpu"), "imagefolder")
     assert val is None and "domain classifier exists for ['fmnist', 'digits'] only" in note and len(seen) == 1
+
+
+# ----------------------------------------------------------------------------- thread-count independence
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_conv_weight_gradients_do_not_depend_on_the_thread_count(dim):
+    """oneDNN splits a conv's weight/bias-gradient reduction across threads; tokenizer.conv fixes the split.
+    Same forward and data gradient as nn.Conv*d; weight/bias gradients equal its one-thread result."""
+    from tokenizer.conv import Conv1d, Conv2d
+
+    torch.manual_seed(0)
+    make, ref_make = (Conv2d, torch.nn.Conv2d) if dim == 2 else (Conv1d, torch.nn.Conv1d)
+    shape = (32, 16, 32, 32) if dim == 2 else (32, 16, 1024)
+    x0 = torch.randn(shape)
+    conv, ref = make(16, 32, 3, padding=1), ref_make(16, 32, 3, padding=1)
+    ref.load_state_dict(conv.state_dict())
+
+    def grads(m, threads):
+        n = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            m.zero_grad(set_to_none=True)
+            x = x0.clone().requires_grad_(True)
+            y = m(x)
+            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            return y.detach(), x.grad, m.weight.grad, m.bias.grad
+        finally:
+            torch.set_num_threads(n)
+
+    one, two = grads(conv, 1), grads(conv, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    native1, native2 = grads(ref, 1), grads(ref, 2)
+    assert all(torch.equal(a, b) for a, b in zip(one, native1))
+    assert torch.equal(native1[1], native2[1])            # the data gradient never depended on threads
+    with torch.no_grad():                                 # eval / encode: the library path
+        assert torch.equal(conv(x0), ref(x0))
+
+
+def _tiny_tokenizer_run(out, threads):
+    import subprocess
+    import sys
+
+    from _env import REPO, child_env
+
+    cmd = [sys.executable, "-m", "tokenizer.train", "--config", str(REPO / "configs/tokenizer/fmnist_mgvq_g4.yaml"),
+           "--out", str(out), "train.steps=4", "train.log_every=1", f"train.threads={threads}",
+           "train.batch_size=16", "data.limit=256", "model.ch=8", "train.eval_every=0", "train.sample_every=0",
+           "train.ckpt_every=0"]
+    env = child_env()
+    env["OMP_NUM_THREADS"] = str(threads)   # the pools start with the run's own thread count
+    return subprocess.Popen(cmd, cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_first_tokenizer_losses_are_bit_equal_with_1_and_2_threads(tmp_path):
+    """Issue 24: the first backward's conv weight gradients depended on the thread split, and the
+    nearest-code choice turned that rounding into another trajectory. Both runs busy at once."""
+    procs = {t: _tiny_tokenizer_run(tmp_path / f"t{t}", t) for t in (1, 2)}
+    for t, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    rows = {t: read_jsonl(tmp_path / f"t{t}" / "metrics.jsonl") for t in (1, 2)}
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    for a, b in zip(rows[1], rows[2]):
+        for k in ("loss", "grad_norm", "l2", "vq"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
