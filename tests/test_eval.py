@@ -162,6 +162,38 @@ def test_generation_eval_end_to_end_with_domain_extractor(tiny_domain, tmp_path,
     assert len(refs) == 1  # second evaluation reused the cached reference statistics
 
 
+def test_equal_n_fid_floor_is_real_vs_real_at_the_samples_n(tiny_domain, tmp_path):
+    """Issue 24: a sample FID at N is read against real train images scored the same way at the same N,
+    over FLOOR_DRAWS seeded draws; small-N FID is biased upwards, so that floor exceeds the 10k one."""
+    import dataclasses
+
+    from eval.generation import FLOOR_DRAWS, fid_floor
+
+    cfg, cache, net, info = tiny_domain
+    g = GenEvalConfig(extractor="domain", cache=cache, isc_splits=2, domain=cfg)   # reference: all 10k test images
+    fl = fid_floor("fmnist", 200, (32, 32), g, seed=7)
+    assert fl["n"] == 200 and fl["draws"] == FLOOR_DRAWS == 5 and fl["seeds"] == [7, 8, 9, 10, 11]
+    assert len(fl["fid"]) == 5 and fl["ref_n"] == 10000 and fl["split"] == "train"
+    # draw i is the seeded subset (seed + i) of the train split, scored exactly as samples are
+    real, _ = fd.dataset_images("fmnist", "train", (32, 32), 200, "pad", seed=8)
+    assert len(real) == 200
+    assert fl["fid"][1] == evaluate_samples(real, None, "fmnist", dataclasses.replace(g, pr=False))["fid"]
+    f = np.asarray(fl["fid"])
+    assert fl["fid_mean"] == pytest.approx(f.mean(), rel=1e-12) and fl["fid_std"] == pytest.approx(f.std(ddof=1))
+    assert fl["fid_min"] == f.min() and fl["fid_max"] == f.max() and fl["fid_std"] > 0
+    # deterministic for a seed, other draws for another seed
+    assert fid_floor("fmnist", 200, (32, 32), g, seed=7)["fid"] == fl["fid"]
+    assert fid_floor("fmnist", 200, (32, 32), g, draws=1, seed=100)["fid"][0] not in fl["fid"]
+    # the 10k floor (all 10,000 of 60,000 train images' worth of statistics) sits far below every N=200 draw
+    big = fid_floor("fmnist", 10000, (32, 32), g, draws=1)
+    assert big["n"] == 10000 and fl["fid_min"] > 3 * big["fid_mean"], (fl, big)
+    with pytest.raises(EvalError, match="another split"):
+        fid_floor("fmnist:train", 200, (32, 32), g)
+    (tmp_path / "imgs").mkdir()
+    with pytest.raises(EvalError, match="not a dataset"):
+        fid_floor(str(tmp_path / "imgs"), 200, (32, 32), g)
+
+
 def _class_major_samples(per_class: int = 500, classes: int = 4):
     """Images whose pixel (0,0,0) is the class, written class after class (balanced sampling's
     order), and an extractor whose features are a class centre plus noise read from other pixels."""

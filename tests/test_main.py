@@ -169,7 +169,23 @@ def test_main_job_tiny_budget(tmp_path):
     for k in ("fid", "is", "class_acc", "classifier_test_acc"):
         assert np.isfinite(g[k]), k
     assert np.isfinite(m["real_train_vs_test"]["fid"]) and m["layout"]["K"] == [256, 256, 256, 256]
-    assert "grid.png" in (out / "report.md").read_text()
+    # the floor is real train images at the samples' N (20 here), FLOOR_DRAWS seeded draws, same reference
+    from eval.generation import FLOOR_DRAWS
+
+    fl = m["fid_floor"]
+    assert fl["n"] == g["num_samples"] == 20 and fl["draws"] == FLOOR_DRAWS == len(fl["fid"]) == 5
+    assert fl["seeds"] == [0, 1, 2, 3, 4] and fl["ref_n"] == g["ref_n"] and fl["split"] == "train"
+    assert fl["fid_mean"] == pytest.approx(np.mean(fl["fid"])) and fl["fid_mean"] > m["real_train_vs_test"]["fid"]
+    assert m["fid_ratio"] == pytest.approx(g["fid"] / fl["fid_mean"])
+    assert m["class_acc_ratio"] == pytest.approx(g["class_acc"] / g["classifier_test_acc"])
+    report = (out / "report.md").read_text()
+    for name in ("grid.png", "recon.png", "real_vs_samples.png", "loss_curves.png"):
+        assert f"({name})" in report, name
+    for name in ("real_vs_samples.png", "loss_curves.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            assert min(im.size) > 100, (name, im.size)
+    assert f"{fl['fid_mean']:.3f} ± {fl['fid_std']:.3f}" in report and f"**{m['fid_ratio']:.2f}×**" in report
 
     # a re-run reuses every finished stage (no stage runs again), redo= recomputes the named one
     r2 = _run(out)
