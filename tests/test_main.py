@@ -24,7 +24,7 @@ TINY = [
 
 
 def _pipe(out: Path, *redo: str):
-    from groupgen.main import MainConfig, Pipeline
+    from pipeline.main import MainConfig, Pipeline
 
     return Pipeline(MainConfig(out=str(out), redo=list(redo)))
 
@@ -98,7 +98,7 @@ def test_redo_recomputes_every_later_stage_once(tmp_path):
 
 def test_eval_stage_key_covers_recon_images(tmp_path, monkeypatch):
     from groupgen.config import config_hash, load_config
-    from groupgen.main import MainConfig, Pipeline
+    from pipeline.main import MainConfig, Pipeline
 
     class Stop(Exception):
         pass
@@ -144,7 +144,7 @@ def test_final_artefacts_are_copied_atomically(tmp_path, monkeypatch):
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "groupgen.main", "--config", str(REPO / "configs/main/fmnist.yaml"),
+    cmd = [sys.executable, "-m", "pipeline.main", "--config", str(REPO / "configs/main/fmnist.yaml"),
            f"out={out}", *TINY, *extra]
     env = child_env(GROUPGEN_CACHE=str(out.parent / "cache"))
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -1,6 +1,6 @@
 """Token-layout comparison: one AR recipe trained on the token stores of several tokenizers.
 
-    python -m eval.compare --config configs/main/compare_fmnist.yaml [key=value ...]
+    python -m pipeline.compare --config configs/main/compare_fmnist.yaml [key=value ...]
 
 For every layout row (a tokenizer preset + overrides, and AR overrides such as the head kind) it
 trains the tokenizer, encodes the train split (and a test-split validation store), measures
@@ -15,7 +15,7 @@ Quality vs steps comes from the intermediate checkpoints of one run per (row, se
 separate shorter runs: the cheapest correct choice (a curve over one schedule, like FID-vs-epochs
 plots); the cosine LR therefore has not decayed at intermediate points.
 
-Stages are ``groupgen.main.Pipeline.stage`` (cached under ``out/stages/<n>_<stage>-<hash>/``,
+Stages are ``pipeline.main.Pipeline.stage`` (cached under ``out/stages/<n>_<stage>-<hash>/``,
 finished ones reused, ``redo=[ar,sample]`` recomputes). Rows sharing a tokenizer (MGVQ with both
 head kinds) share its tokenizer/encode/stats stages because the keys are equal.
 """
@@ -35,8 +35,9 @@ import numpy as np
 
 from groupgen.checkpoint import atomic_write_text
 from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
-from groupgen.main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 from groupgen.runs import read_jsonl, set_threads
+
+from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
 
@@ -107,7 +108,7 @@ class CompareConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[eval.compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[pipeline.compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _finite(x) -> float | None:
@@ -393,7 +394,7 @@ def plot_quality(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/compare_fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'select=[vq,mgvq_g4_ind]'")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """The main job: tokenizer -> token store -> AR prior (DeepSpeed) -> samples -> metrics, in one run folder.
 
-    python -m groupgen.main --config configs/main/fmnist.yaml [key=value ...]
+    python -m pipeline.main --config configs/main/fmnist.yaml [key=value ...]   (or: python -m groupgen.main)
 
 Each stage runs in ``out/<n>_<stage>-<hash>/`` where the hash covers the stage's resolved config and the
 hashes of the stages before it, and is marked finished by a ``DONE.json``. A re-run reuses finished
@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import atomic_copyfile, atomic_write_text
-from .config import ConfigError, config_hash, load_config, save_config
-from .runs import set_threads
+from groupgen.checkpoint import atomic_copyfile, atomic_write_text
+from groupgen.config import ConfigError, config_hash, load_config, save_config
+from groupgen.runs import set_threads
 
 STAGES = ("tokenizer", "encode", "ar", "sample", "eval")
 
@@ -82,7 +82,7 @@ def encode_stores(tok_dir, out: Path, data_cfg, enc: EncodeSection) -> dict:
 
 
 def _log(msg: str) -> None:
-    print(f"[groupgen.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[pipeline.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class Pipeline:
@@ -242,7 +242,7 @@ class Pipeline:
     def report(self, m: dict, tok_dir, ar_dir, smp_dir) -> None:
         import numpy as np
 
-        from eval.report import loss_curves_png, real_vs_samples_png, write_report
+        from .report import loss_curves_png, real_vs_samples_png, write_report
 
         figs = {"loss_curves": "loss_curves.png"}
         loss_curves_png(Path(tok_dir) / "metrics.jsonl", Path(ar_dir) / "metrics.jsonl", self.out / figs["loss_curves"])
@@ -278,7 +278,7 @@ def ratios(gen: dict, floor: dict | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m groupgen.main", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.main", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'ar.overrides=[train.steps=50]'")
     args = ap.parse_args(argv)
