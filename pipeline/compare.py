@@ -154,8 +154,8 @@ class Comparison:
         """Tokenizer, train/val token stores, recon + layout statistics of one row (cached)."""
         from eval.layout_stats import LayoutStatsConfig, layout_stats
         from groupgen.tokens import TokenStore
-        from tokenizer.evaluate import EvalConfig as ReconConfig
-        from tokenizer.evaluate import evaluate as recon_eval
+        from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+        from tokenizer.model import load_tokenizer
         from tokenizer.train import TokenizerTrainConfig
         from tokenizer.train import train as train_tok
 
@@ -172,11 +172,12 @@ class Comparison:
         ls_cfg = load_config(LayoutStatsConfig, None, c.stats.layout_overrides)
 
         def run_stats(d):
-            rc = ReconConfig(split="test", max_images=c.stats.recon_images, batch_size=c.stats.recon_batch,
-                             lpips=False, threads=c.threads, out=str(d / "recon.json"))
-            rec = recon_eval(tok_dir, rc)
+            rc = ReconEvalConfig(split="test", n=c.stats.recon_images, batch_size=c.stats.recon_batch,
+                                 lpips=False, extractor="none")
+            rec = evaluate_tokenizer(load_tokenizer(tok_dir), rc, log=_log)
+            atomic_write_text(d / "recon.json", json.dumps(rec, indent=1))
             lay = layout_stats(TokenStore(enc["train"]), ls_cfg)
-            return {"recon": {k: v for k, v in rec.items() if k not in ("notes", "json")}, "layout": lay}
+            return {"recon": rec, "layout": lay}
 
         _, st, _ = self.stage(2, "stats", {"up": h2, "recon": dataclasses.asdict(c.stats),
                                            "layout": dataclasses.asdict(ls_cfg)}, run_stats)
@@ -343,7 +344,7 @@ def write_table(res: dict, path: Path) -> None:
         lines.append(
             f"| {r['name']} | {Path(r['tokenizer']).stem} | {r['L']} × {r['G']} "
             f"| {'/'.join(map(str, sorted(set(r['K']))))} "
-            f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage'), 3)} "
+            f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage_mean'), 3)} "
             f"| {_fmt(lay.get('sum_position_entropy_bits'), 0)} | {spm} "
             f"| {(r['params'] or 0) / 1e6:.2f}M | {_pm(fin, 'val_loss', 3)} | {_pm(fin, 'val_nll_bits', 0)} "
             f"| {_pm(fin, 'fid')} | {_pm(fin, 'class_acc', 3)} "

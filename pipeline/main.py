@@ -188,12 +188,14 @@ class Pipeline:
             # the honest yardstick: real train images scored like the samples, at the samples' N
             floor = fid_floor(c.eval.ref, gen["num_samples"], hw, e_cfg, c.eval.floor_draws, c.eval.floor_seed,
                               log=_log)
-            from tokenizer.evaluate import EvalConfig as TokEvalConfig
-            from tokenizer.evaluate import evaluate as eval_tok
+            from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+            from tokenizer.model import load_tokenizer
 
-            rec = eval_tok(tok_dir, TokEvalConfig(max_images=c.eval.recon_images, lpips=False, rfid=True,
-                                                  rfid_extractor=c.eval.extractor, out=str(d / "tokenizer.json"),
-                                                  threads=c.threads))
+            # rFID with the gFID's extractor (the same domain classifier), on held-out test images
+            rec = evaluate_tokenizer(load_tokenizer(tok_dir), ReconEvalConfig(
+                n=c.eval.recon_images, extractor=c.eval.extractor, inception_weights=e_cfg.inception_weights,
+                domain=e_cfg.domain, lpips=False, device=e_cfg.device, cache=e_cfg.cache), log=_log)
+            atomic_write_text(d / "tokenizer.json", json.dumps(rec, indent=1))
             return {"generation": gen, "tokenizer": rec, "fid_floor": floor,
                     "real_train_vs_test": {"fid": base["fid"], "is": base["is"], "n": base["num_samples"]}}
 

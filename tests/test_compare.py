@@ -45,7 +45,7 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert (rows["mgvq_g4_subtoken"]["G"], rows["mgvq_g4_subtoken"]["K"]) == (4, [4, 4, 4, 4])
     for r in rows.values():
         assert r["bits_per_image"] == pytest.approx(512.0)
-        assert math.isfinite(r["recon"]["psnr"]) and 0 < r["recon"]["usage"] <= 1
+        assert math.isfinite(r["recon"]["psnr"]) and 0 < r["recon"]["usage_mean"] <= 1
         ls = r["layout_stats"]
         assert 0 < ls["sum_position_entropy_bits"] <= 512 + 1e-6      # entropy never exceeds the layout bits
         assert ls["tokens_per_image"] <= ls["raw_tokens_per_image"] == r["L"] * r["G"]

@@ -382,35 +382,14 @@ def test_psnr_ssim_usage_hand_values():
     assert abs(u["entropy_bits"][0] - 2) < 1e-9
 
 
-@pytest.mark.parametrize("size", [28, 8])   # 8: the window shrinks to the image
-def test_ssim_equals_tokenizer_evaluate_ssim(size):
-    from tokenizer.evaluate import ssim as tok_ssim
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(6, 1, size, size, generator=g, dtype=torch.float64) * 2 - 1
-    y = (x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
-    y[0] = -x[0]   # local means on opposite sides of 0 (where a [-1, 1] luminance term goes wrong)
-    ours, theirs = ssim(x, y), tok_ssim((x + 1) / 2, (y + 1) / 2).double()
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    assert (ours < 0.95).all() and (ours > -1).all()
-
-
 def test_per_position_codebook_usage_is_counted_per_position(tmp_path):
     """QG-VAE collapse: every position always emits one code (a different one per position). Pooled
     over positions that looks like full usage; per position it is 1/K of each codebook."""
-    from tokenizer.evaluate import code_usage
-
     K, L = 64, 64
     codes = torch.arange(L).repeat(100, 1)[..., None]   # [N, L, G=1]
     u = codebook_usage(codes, (K,), per_position=True)
     assert u["usage"] == [1 / K] and u["perplexity"] == [1.0] and u["entropy_bits"] == [0.0]
     assert codebook_usage(codes, (K,))["usage"] == [1.0]          # the shared-codebook reading (pooled)
-    # random codes: the same numbers as the tokenizer's own evaluation
-    rnd = torch.randint(0, 8, (200, 5, 2), generator=torch.Generator().manual_seed(0))
-    ours, theirs = codebook_usage(rnd, (8, 8), per_position=True), code_usage(rnd, (8, 8), True)
-    for g in range(2):
-        assert ours["usage"][g] == pytest.approx(theirs[f"usage/g{g}"], abs=1e-12)
-        assert ours["perplexity"][g] == pytest.approx(theirs[f"perplexity/g{g}"], rel=1e-12)
     with pytest.raises(EvalError, match=r"\[N, L, G\].*\[6400, 1\]"):
         codebook_usage(codes.reshape(-1, 1), (K,), per_position=True)
 
@@ -467,6 +446,11 @@ def test_evaluate_tokenizer_uses_the_checkpoints_training_data(tmp_path):
     digits = build_dataset(DataConfig(name="digits", image_size=32, limit=40), "test").images
     assert torch.equal(torch.cat(tok.seen), digits)   # not Fashion-MNIST, and n (not the ckpt's limit) images
     assert out["data"]["name"] == "digits" and out["images"] == 40 and out["psnr"] > 40
+    # rFID with a domain classifier of another dataset is refused before any image is encoded
+    tok.seen.clear()
+    with pytest.raises(EvalError, match="trained on 'fmnist'.*evaluated on 'digits'"):
+        evaluate_tokenizer(tok, ReconEvalConfig(n=40, extractor="domain", lpips=False))
+    assert tok.seen == []
 
     tok2 = Identity(ck)   # an explicit override on top of the checkpoint's config
     evaluate_tokenizer(tok2, load_config(ReconEvalConfig, None, ["n=8", "extractor=none", "lpips=false",

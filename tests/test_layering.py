@@ -31,11 +31,15 @@ def test_contracts_import_no_stage_and_no_stage_imports_the_pipeline():
     assert not up, f"groupgen (the contracts) imports stages or the pipeline: {up}"
     for s in STAGES:
         assert "pipeline" not in imported_packages(s), s
+    # tokenizer evaluation has one owner (eval.reconstruction): eval imports tokenizer, never the reverse
+    assert "eval" not in imported_packages("tokenizer"), imported_packages("tokenizer").get("eval")
+    assert "tokenizer" in imported_packages("eval")
     used = imported_packages("pipeline")
     assert {"tokenizer", "ar_model", "sampling", "eval"} <= set(used)   # the recipe orchestrates every stage
 
 
-@pytest.mark.parametrize("old,new", [("groupgen.main", "pipeline.main"), ("eval.compare", "pipeline.compare")])
+@pytest.mark.parametrize("old,new", [("groupgen.main", "pipeline.main"), ("eval.compare", "pipeline.compare"),
+                                     ("tokenizer.evaluate", "eval.reconstruction")])
 def test_old_commands_forward_to_the_pipeline(old, new):
     r = subprocess.run([sys.executable, "-m", old, "--help"], cwd=REPO, env=child_env(), capture_output=True,
                        text=True, timeout=300)
