@@ -202,3 +202,23 @@ def test_main_job_tiny_budget(tmp_path):
 def test_main_job_bad_override_names_key(tmp_path):
     r = _run(tmp_path / "run", "ar.overrides=[train.stepz=3]")
     assert r.returncode != 0 and "train.stepz" in r.stderr and "'steps'" in r.stderr
+
+
+def test_report_puts_each_number_next_to_its_floor(tmp_path):
+    from pipeline.main import ratios
+    from pipeline.report import write_report
+
+    gen = {"fid": 9.0, "is": 6.5, "class_acc": 0.81, "classifier_test_acc": 0.9, "num_samples": 500}
+    floor = {"n": 500, "draws": 5, "seeds": [0, 1, 2, 3, 4], "fid": [1.4, 1.5, 1.5, 1.6, 2.0], "fid_mean": 1.6,
+             "fid_std": 0.2345, "fid_min": 1.4, "fid_max": 2.0, "is_mean": 7.1}
+    m = {"layout_text": "grid 8x8", "generation": gen, "fid_floor": floor, "tokenizer": {"psnr": 22.0},
+         "real_train_vs_test": {"fid": 0.06, "is": 7.4, "n": 10000}, "ar": {}, "stage_seconds": {"eval": 1.0},
+         "wall_seconds": 2.0, **ratios(gen, floor)}
+    assert m["fid_ratio"] == pytest.approx(9.0 / 1.6) and m["class_acc_ratio"] == pytest.approx(0.9)
+    text = write_report(tmp_path, m, {"real_vs_samples": "rvs.png", "loss_curves": "lc.png"}).read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| FID"))
+    assert "| 9.000 | 1.600 ± 0.234 (range 1.400–2.000; 5 draws, seeds [0, 1, 2, 3, 4]) | **5.62×** | 0.060 |" in row
+    acc = next(ln for ln in text.splitlines() if ln.startswith("| class-conditional accuracy"))
+    assert "0.810" in acc and "0.900" in acc and "**0.900**" in acc
+    assert "samples (N = 500)" in text and "(rvs.png)" in text and "(lc.png)" in text and "(recon.png)" in text
+    assert ratios({"fid": 9.0}, None) == {}   # no floor (e.g. a folder reference): no ratio, not a wrong one
