@@ -367,10 +367,12 @@ def test_trainer_sigterm_saves_then_exits(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- thread-count independence
 
-@pytest.mark.parametrize("dim", [1, 2])
-def test_conv_weight_gradients_do_not_depend_on_the_thread_count(dim):
+@pytest.mark.parametrize("dim,precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
+def test_conv_weight_gradients_do_not_depend_on_the_thread_count(dim, precision):
     """oneDNN splits a conv's weight/bias-gradient reduction across threads; tokenizer.conv fixes the split.
-    Same forward and data gradient as nn.Conv*d; weight/bias gradients equal its one-thread result."""
+    Same forward and data gradient as nn.Conv*d; weight/bias gradients equal its one-thread result, under
+    bf16 autocast too (the trainer's precision=bf16)."""
+    from groupgen.runs import autocast
     from tokenizer.conv import Conv1d, Conv2d
 
     torch.manual_seed(0)
@@ -386,8 +388,10 @@ def test_conv_weight_gradients_do_not_depend_on_the_thread_count(dim):
         try:
             m.zero_grad(set_to_none=True)
             x = x0.clone().requires_grad_(True)
-            y = m(x)
-            (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+            with autocast(torch.device("cpu"), precision):
+                y = m(x)
+            assert y.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+            (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
             return y.detach(), x.grad, m.weight.grad, m.bias.grad
         finally:
             torch.set_num_threads(n)
@@ -397,6 +401,7 @@ def test_conv_weight_gradients_do_not_depend_on_the_thread_count(dim):
     native1, native2 = grads(ref, 1), grads(ref, 2)
     assert all(torch.equal(a, b) for a, b in zip(one, native1))
     assert torch.equal(native1[1], native2[1])            # the data gradient never depended on threads
+    assert all(t.dtype == torch.float32 for t in one[1:])  # gradients in the parameters' dtype
     with torch.no_grad():                                 # eval / encode: the library path
         assert torch.equal(conv(x0), ref(x0))
 

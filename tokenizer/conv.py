@@ -20,20 +20,28 @@ import torch.nn.functional as F
 class _ConvFixedSplit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, w)
+        # under autocast the conv runs in the autocast dtype, as nn.Conv2d's would: cast here, once, and
+        # save the cast copies (what autocast's own graph saves); gradients go back in the inputs' dtypes
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        xc, wc, bc = x.to(dt), w.to(dt), (b.to(dt) if b is not None else None)
+        ctx.save_for_backward(xc, wc)
         ctx.conf = (stride, padding, dilation, groups, b is not None)
+        ctx.dtypes = (x.dtype, w.dtype, b.dtype if b is not None else None)
         fn = F.conv1d if x.dim() == 3 else F.conv2d
-        return fn(x, w, b, stride, padding, dilation, groups)
+        with torch.autocast(dev, enabled=False):
+            return fn(xc, wc, bc, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
         stride, padding, dilation, groups, has_b = ctx.conf
+        gy = gy.to(x.dtype)
         zeros = [0] * (x.dim() - 2)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.aten.convolution_backward(gy, x, w, None, stride, padding, dilation, False, zeros,
-                                                     groups, [True, False, False])[0]
+                                                     groups, [True, False, False])[0].to(ctx.dtypes[0])
         need_w, need_b = ctx.needs_input_grad[1], has_b and ctx.needs_input_grad[2]
         if need_w or need_b:
             n = torch.get_num_threads()
@@ -44,6 +52,8 @@ class _ConvFixedSplit(torch.autograd.Function):
                     [False, need_w, need_b])
             finally:
                 torch.set_num_threads(n)
+            gw = gw.to(ctx.dtypes[1]) if gw is not None else None
+            gb = gb.to(ctx.dtypes[2]) if gb is not None else None
         return gx, gw, gb, None, None, None, None
 
 
