@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(PY) -m groupgen.main --config configs/main/fmnist.yaml $(ARGS)
+	$(PY) -m pipeline.main --config configs/main/fmnist.yaml $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests $(ARGS)
@@ -27,7 +27,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow tests $(ARGS)
 
 compare: setup
-	$(PY) -m eval.compare --config configs/main/compare_fmnist.yaml $(ARGS)
+	$(PY) -m pipeline.compare --config configs/main/compare_fmnist.yaml $(ARGS)
 
 # LlamaGen is never vendored: check it out elsewhere and pass LLAMAGEN=/path/to/LlamaGen.
 # Each script takes its own flags: AR_ARGS (ar_vs_llamagen.py), STORE_ARGS (token_store.py),

@@ -4,7 +4,7 @@
 
 Every row trains with the same steps, seed, batch and optimizer (``tokenizer.train.train`` in this
 process, one row at a time, ``train.threads`` threads), then is evaluated with
-``tokenizer.evaluate.evaluate`` on the first ``--eval-images`` test images. Families:
+``eval.reconstruction.evaluate_tokenizer`` on the first ``--eval-images`` test images. Families:
 
 * (a) MGVQ's ablation at equal total codebook entries (16384): VQ G=1 x 16384 (LlamaGen-style, code
   dim 8), MGVQ G=4 x 4096 (dim 8) and G=8 x 2048 (dim 4) on the same 32-dim latent, with and without
@@ -35,7 +35,7 @@ os.environ.setdefault("GROUPGEN_QUIET", "1")  # no tqdm bars in the benchmark lo
 
 from groupgen.config import load_config, to_dict  # noqa: E402
 from groupgen.runs import read_jsonl, set_threads  # noqa: E402
-from tokenizer.evaluate import EvalConfig, evaluate  # noqa: E402
+from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer  # noqa: E402
 from tokenizer.train import TokenizerTrainConfig, train  # noqa: E402
 
 CFG = "configs/tokenizer"
@@ -107,10 +107,12 @@ def run_row(row, a, shared: list[str], work: Path) -> dict:
     # step time per logging window, first window dropped (oneDNN warm-up)
     st = sorted(m["step_time"] for m in metrics[1:] if "step_time" in m) or [res.get("step_time", float("nan"))]
     print(f"[{rid}] evaluating on {a.eval_images} test images", flush=True)
-    ev = evaluate(res["checkpoint"], EvalConfig(max_images=a.eval_images, batch_size=128, lpips=False,
-                                                threads=a.threads, device="cpu", out=str(out / "eval.json")))
-    set_threads(a.threads)
     from tokenizer.model import load_tokenizer
+
+    set_threads(a.threads)
+    ev = evaluate_tokenizer(load_tokenizer(res["checkpoint"], "cpu"), ReconEvalConfig(
+        n=a.eval_images, batch_size=128, lpips=False, extractor="none", device="cpu"))
+    (out / "eval.json").write_text(json.dumps(ev, indent=1))
     n_params = sum(p.numel() for p in load_tokenizer(res["checkpoint"], "cpu").parameters())
     layout = res["layout"]
     G = len(layout["K"])
@@ -119,9 +121,8 @@ def run_row(row, a, shared: list[str], work: Path) -> dict:
         "layout": layout, "G": G, "K": layout["K"], "L": layout["L"], "bits_per_image": bits_per_image(layout),
         "params": n_params, "steps": res["step"],
         "psnr": ev["psnr"], "psnr_per_image": ev["psnr_per_image"], "ssim": ev["ssim"],
-        "usage_per_group": [ev[f"usage/g{g}"] for g in range(G)],
-        "perplexity_per_group": [ev[f"perplexity/g{g}"] for g in range(G)],
-        "usage": ev["usage"], "train_psnr_last": res.get("psnr"),
+        "usage_per_group": ev["usage"], "perplexity_per_group": ev["perplexity"],
+        "usage": ev["usage_mean"], "train_psnr_last": res.get("psnr"),
         "step_time_median_s": st[len(st) // 2], "train_wall_s": wall_s, "train_cpu_s": cpu_s,
         "cpu_s_per_step": cpu_s / max(1, res["step"]), "curve": curve,
         **convergence(curve, a.steps, a.conv_db), "key": key,

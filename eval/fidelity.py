@@ -298,14 +298,15 @@ def load_image_folder(root: str | Path, hw: tuple[int, int], n: int = 0) -> np.n
 
 
 def dataset_images(name: str, split: str, hw: tuple[int, int], n: int = 0,
-                   resize: str = "pad") -> tuple[np.ndarray, np.ndarray]:
-    """Real images of a named dataset (``fmnist``/``digits``) at the samples' size, uint8 NHWC."""
+                   resize: str = "pad", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Real images of a named dataset (``fmnist``/``digits``) at the samples' size, uint8 NHWC: a seeded
+    subset of ``n`` (all when 0)."""
     from groupgen.data import DataConfig, build_dataset
 
     if hw[0] != hw[1]:
         raise EvalError(f"dataset reference {name!r} needs square samples, got {hw}")
     ds = build_dataset(DataConfig(name=name, image_size=hw[0], channels=1, resize=resize), split)
-    idx = seeded_subset(len(ds), n)
+    idx = seeded_subset(len(ds), n, seed)
     x, y = ds.batch(idx)
     return to_uint8_nhwc(x), y.numpy()
 

@@ -22,11 +22,12 @@ import torch
 from groupgen.config import ConfigError, load_config, to_dict
 
 from .domain import DomainConfig, class_conditional_accuracy
-from .fidelity import (EvalError, build_extractor, emit_json, extract, fid_from_stats, fid_stats, inception_score,
-                       load_samples_npz, parse_ref, precision_recall, reference_stats, resolve_device,
-                       seeded_subset)
+from .fidelity import (EvalError, build_extractor, dataset_images, emit_json, extract, fid_from_stats, fid_stats,
+                       inception_score, load_samples_npz, parse_ref, precision_recall, reference_stats,
+                       resolve_device, seeded_subset)
 
 SAMPLES_SEED = 0   # subsets of the generated side (num_samples, pr_max); fixed, so runs compare
+FLOOR_DRAWS = 5    # seeded draws of real images behind the equal-N FID floor (mean, spread)
 
 
 @dataclass
@@ -96,6 +97,47 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray | None, ref: str, cf
     else:
         out["comparable_to_papers"] = "only with 50k samples against the ADM reference batch of the same dataset"
     out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def fid_floor(ref: str, n: int, hw: tuple[int, int], cfg: GenEvalConfig, draws: int = FLOOR_DRAWS, seed: int = 0,
+              split: str = "train", log=None) -> dict:
+    """The FID that *real* images score when they stand in for ``n`` samples: ``draws`` seeded subsets of
+    ``n`` real ``split`` images, each scored exactly like the samples (same extractor, same reference
+    statistics, same N). FID is biased upwards at small N (the covariance of N features is noisy), so a
+    sample FID means something only next to this floor at the same N, not next to a 10,000-image one.
+
+    Draw ``i`` uses ``seeded_subset(len(split), n, seed + i)``. Returns the per-draw FIDs and IS, their
+    mean, sample standard deviation and range."""
+    kind, name, ref_split = parse_ref(ref, cfg.ref_split)
+    if kind != "dataset":
+        raise EvalError(f"the FID floor needs real images of another split than the reference; reference {ref!r} "
+                        f"is a {kind}, not a dataset name")
+    if split == ref_split:
+        raise EvalError(f"the FID floor's real images must come from another split than the reference's "
+                        f"({ref_split!r}); got split={split!r}")
+    if n < 2 or draws < 1:
+        raise EvalError(f"the FID floor needs n >= 2 images and draws >= 1, got n={n}, draws={draws}")
+    check_domain_ref(ref, cfg)
+    ext = build_extractor(cfg.extractor, resolve_device(cfg.device), cfg.inception_weights, cfg.domain, cfg.cache)
+    ref_st = reference_stats(ref, ext, hw, cfg.ref_n, cfg.ref_split, cfg.pr_max, cfg.batch_size, cfg.cache,
+                             cfg.ref_resize)
+    seeds = [seed + i for i in range(draws)]
+    fids, iss = [], []
+    for s in seeds:
+        real, _ = dataset_images(name, split, hw, n, cfg.ref_resize, seed=s)
+        if len(real) != n:
+            raise EvalError(f"the FID floor at N={n} needs {n} real {split!r} images, the split holds {len(real)}")
+        feats, logits = extract(ext, real, cfg.batch_size, progress_desc=f"floor features (seed {s})")
+        fids.append(fid_from_stats(fid_stats(feats), ref_st))
+        iss.append(inception_score(logits, cfg.isc_splits)[0])
+    f = np.asarray(fids)
+    out = {"n": n, "draws": draws, "seeds": seeds, "split": split, "ref": ref, "ref_n": ref_st["n"],
+           "extractor": ext.name, "fid": fids, "fid_mean": float(f.mean()),
+           "fid_std": float(f.std(ddof=1)) if draws > 1 else 0.0, "fid_min": float(f.min()),
+           "fid_max": float(f.max()), "is_mean": float(np.mean(iss))}
+    if log:
+        log(f"FID floor at N={n}: {out['fid_mean']:.3f} +- {out['fid_std']:.3f} over {draws} draws of real {split}")
     return out
 
 

@@ -1,8 +1,11 @@
 """Reconstruction metrics (PSNR, SSIM, LPIPS, rFID, codebook usage) and a CLI for a tokenizer.
 
     python -m eval.reconstruction --tokenizer CKPT [--out J.json] [--config Y] [key=value ...]
+    python -m tokenizer.evaluate --ckpt CKPT [...]      (the same command under its stage-1 name)
 
-Functions take images in [-1, 1], ``[B,C,H,W]`` (``rfid`` is reused by ``tokenizer/evaluate``);
+The one owner of tokenizer evaluation: the main job, the layout comparison and the benchmarks call
+``evaluate_tokenizer``; stage 1 (``tokenizer/``) never imports ``eval`` (this module imports the
+tokenizer, not the other way round). Functions take images in [-1, 1], ``[B,C,H,W]``;
 ``ReconMeter`` accumulates them over batches. The CLI evaluates on the tokenizer's own training data
 (its checkpoint's ``config.data``; ``data={...}`` overrides keys of it). PSNR is reported two ways:
 from the dataset-mean MSE (MGVQ's convention, ``psnr``) and as the mean of per-image PSNRs
@@ -65,7 +68,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, win: int = 11, sigma: float = 1.5) ->
 
     The shift to [0, 1] matters: SSIM's luminance term (2 mx my + c1) / (mx^2 + my^2 + c1) is not
     shift-invariant, and on [-1, 1] it turns negative where the local means straddle 0. The window
-    shrinks to the image for images smaller than 11 px. Same numbers as ``tokenizer.evaluate.ssim``.
+    shrinks to the image for images smaller than 11 px.
     """
     _check_pair(x, y)
     win = min(win, x.shape[-1], x.shape[-2])
@@ -108,7 +111,7 @@ def codebook_usage(codes: torch.Tensor | np.ndarray, K: tuple[int, ...] | list[i
     A shared codebook is counted over all positions. With ``per_position`` (QG-VAE: one codebook per
     position) code i at two positions are different vectors, so pooling would count a collapsed model
     that emits one code per position as full usage: each position's codebook is counted on its own
-    and the numbers are means over positions (as ``tokenizer.evaluate.code_usage``).
+    and the numbers are means over positions.
     """
     c = torch.as_tensor(np.asarray(codes) if not isinstance(codes, torch.Tensor) else codes).long()
     if c.shape[-1] != len(K):
@@ -252,7 +255,9 @@ def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None, train_data: dict | N
                 for imgs, feats in ((x, f_real), (xr, f_rec)):
                     feats.append(ext(torch.from_numpy(to_uint8_nhwc(imgs)).permute(0, 3, 1, 2))[0].float().cpu())
     usage = codebook_usage(torch.cat(codes), lay.K, lay.per_position_codebook)
-    out = {**meter.result(), **usage, "layout": lay.describe(), "data": to_dict(data), "split": cfg.split}
+    out = {**meter.result(), **usage, "usage_mean": float(np.mean(usage["usage"])),
+           "perplexity_mean": float(np.mean(usage["perplexity"])), "layout": lay.describe(),
+           "data": to_dict(data), "split": cfg.split}
     if ext is not None:
         out["rfid"] = fid_from_features(torch.cat(f_rec), torch.cat(f_real))
         out["rfid_extractor"] = ext.name
@@ -262,7 +267,8 @@ def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None, train_data: dict | N
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m eval.reconstruction", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (dir, root or run dir)")
+    ap.add_argument("--tokenizer", "--ckpt", dest="tokenizer", required=True,
+                    help="tokenizer checkpoint (dir, root or run dir)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--config", default=None)
     ap.add_argument("overrides", nargs="*", help="key=value (ReconEvalConfig keys)")

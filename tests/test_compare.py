@@ -1,4 +1,4 @@
-"""eval.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors;
+"""pipeline.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors;
 the Makefile's bench target."""
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.compare import CompareConfig, main
+from pipeline.compare import CompareConfig, main
 from groupgen.config import ConfigError, load_config
 
 CONFIG = "configs/main/compare_fmnist.yaml"
@@ -45,7 +45,7 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert (rows["mgvq_g4_subtoken"]["G"], rows["mgvq_g4_subtoken"]["K"]) == (4, [4, 4, 4, 4])
     for r in rows.values():
         assert r["bits_per_image"] == pytest.approx(512.0)
-        assert math.isfinite(r["recon"]["psnr"]) and 0 < r["recon"]["usage"] <= 1
+        assert math.isfinite(r["recon"]["psnr"]) and 0 < r["recon"]["usage_mean"] <= 1
         ls = r["layout_stats"]
         assert 0 < ls["sum_position_entropy_bits"] <= 512 + 1e-6      # entropy never exceeds the layout bits
         assert ls["tokens_per_image"] <= ls["raw_tokens_per_image"] == r["L"] * r["G"]
@@ -93,7 +93,7 @@ def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
 def test_real_train_baseline_uses_the_configured_ref_resize(tmp_path, monkeypatch):
     import eval.fidelity
     import eval.generation
-    from eval.compare import Comparison
+    from pipeline.compare import Comparison
 
     cfg = load_config(CompareConfig, CONFIG, [f"out={tmp_path / 'cmp'}", "quality.overrides=[ref_resize=resize]"])
     seen = {}

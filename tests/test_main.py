@@ -24,7 +24,7 @@ TINY = [
 
 
 def _pipe(out: Path, *redo: str):
-    from groupgen.main import MainConfig, Pipeline
+    from pipeline.main import MainConfig, Pipeline
 
     return Pipeline(MainConfig(out=str(out), redo=list(redo)))
 
@@ -98,7 +98,7 @@ def test_redo_recomputes_every_later_stage_once(tmp_path):
 
 def test_eval_stage_key_covers_recon_images(tmp_path, monkeypatch):
     from groupgen.config import config_hash, load_config
-    from groupgen.main import MainConfig, Pipeline
+    from pipeline.main import MainConfig, Pipeline
 
     class Stop(Exception):
         pass
@@ -144,7 +144,7 @@ def test_final_artefacts_are_copied_atomically(tmp_path, monkeypatch):
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "groupgen.main", "--config", str(REPO / "configs/main/fmnist.yaml"),
+    cmd = [sys.executable, "-m", "pipeline.main", "--config", str(REPO / "configs/main/fmnist.yaml"),
            f"out={out}", *TINY, *extra]
     env = child_env(GROUPGEN_CACHE=str(out.parent / "cache"))
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -169,7 +169,23 @@ def test_main_job_tiny_budget(tmp_path):
     for k in ("fid", "is", "class_acc", "classifier_test_acc"):
         assert np.isfinite(g[k]), k
     assert np.isfinite(m["real_train_vs_test"]["fid"]) and m["layout"]["K"] == [256, 256, 256, 256]
-    assert "grid.png" in (out / "report.md").read_text()
+    # the floor is real train images at the samples' N (20 here), FLOOR_DRAWS seeded draws, same reference
+    from eval.generation import FLOOR_DRAWS
+
+    fl = m["fid_floor"]
+    assert fl["n"] == g["num_samples"] == 20 and fl["draws"] == FLOOR_DRAWS == len(fl["fid"]) == 5
+    assert fl["seeds"] == [0, 1, 2, 3, 4] and fl["ref_n"] == g["ref_n"] and fl["split"] == "train"
+    assert fl["fid_mean"] == pytest.approx(np.mean(fl["fid"])) and fl["fid_mean"] > m["real_train_vs_test"]["fid"]
+    assert m["fid_ratio"] == pytest.approx(g["fid"] / fl["fid_mean"])
+    assert m["class_acc_ratio"] == pytest.approx(g["class_acc"] / g["classifier_test_acc"])
+    report = (out / "report.md").read_text()
+    for name in ("grid.png", "recon.png", "real_vs_samples.png", "loss_curves.png"):
+        assert f"({name})" in report, name
+    for name in ("real_vs_samples.png", "loss_curves.png"):
+        with Image.open(out / name) as im:
+            im.load()
+            assert min(im.size) > 100, (name, im.size)
+    assert f"{fl['fid_mean']:.3f} ± {fl['fid_std']:.3f}" in report and f"**{m['fid_ratio']:.2f}×**" in report
 
     # a re-run reuses every finished stage (no stage runs again), redo= recomputes the named one
     r2 = _run(out)
@@ -186,3 +202,23 @@ def test_main_job_tiny_budget(tmp_path):
 def test_main_job_bad_override_names_key(tmp_path):
     r = _run(tmp_path / "run", "ar.overrides=[train.stepz=3]")
     assert r.returncode != 0 and "train.stepz" in r.stderr and "'steps'" in r.stderr
+
+
+def test_report_puts_each_number_next_to_its_floor(tmp_path):
+    from pipeline.main import ratios
+    from pipeline.report import write_report
+
+    gen = {"fid": 9.0, "is": 6.5, "class_acc": 0.81, "classifier_test_acc": 0.9, "num_samples": 500}
+    floor = {"n": 500, "draws": 5, "seeds": [0, 1, 2, 3, 4], "fid": [1.4, 1.5, 1.5, 1.6, 2.0], "fid_mean": 1.6,
+             "fid_std": 0.2345, "fid_min": 1.4, "fid_max": 2.0, "is_mean": 7.1}
+    m = {"layout_text": "grid 8x8", "generation": gen, "fid_floor": floor, "tokenizer": {"psnr": 22.0},
+         "real_train_vs_test": {"fid": 0.06, "is": 7.4, "n": 10000}, "ar": {}, "stage_seconds": {"eval": 1.0},
+         "wall_seconds": 2.0, **ratios(gen, floor)}
+    assert m["fid_ratio"] == pytest.approx(9.0 / 1.6) and m["class_acc_ratio"] == pytest.approx(0.9)
+    text = write_report(tmp_path, m, {"real_vs_samples": "rvs.png", "loss_curves": "lc.png"}).read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| FID"))
+    assert "| 9.000 | 1.600 ± 0.234 (range 1.400–2.000; 5 draws, seeds [0, 1, 2, 3, 4]) | **5.62×** | 0.060 |" in row
+    acc = next(ln for ln in text.splitlines() if ln.startswith("| class-conditional accuracy"))
+    assert "0.810" in acc and "0.900" in acc and "**0.900**" in acc
+    assert "samples (N = 500)" in text and "(rvs.png)" in text and "(lc.png)" in text and "(recon.png)" in text
+    assert ratios({"fid": 9.0}, None) == {}   # no floor (e.g. a folder reference): no ratio, not a wrong one

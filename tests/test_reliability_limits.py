@@ -244,7 +244,7 @@ def test_main_job_stopped_by_sigterm_says_rerunning_resumes(tmp_path):
 
 
 def test_main_job_says_how_to_resume_when_a_trainer_stops_on_a_signal(tmp_path, capfd):
-    from groupgen.main import _run_until_signal
+    from pipeline.main import _run_until_signal
 
     class Pipe:   # what ar_model.train does on SIGTERM: checkpoint, then SystemExit(143)
         out = tmp_path

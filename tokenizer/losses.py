@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from groupgen.config import ConfigError
 
+from .conv import Conv2d
+
 VGG16_FILE = "vgg16-397923af.pth"
 
 
@@ -148,14 +150,14 @@ class PatchDiscriminator(nn.Module):
                 return nn.GroupNorm(min(32, c // 4) if c >= 4 else 1, c)
             return nn.Identity()
 
-        layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        layers = [Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         c = ndf
         for i in range(1, n_layers + 1):
             cn = ndf * min(2 ** i, 8)
             stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, cn, 4, stride, 1, bias=norm == "none"), nrm(cn), nn.LeakyReLU(0.2, True)]
+            layers += [Conv2d(c, cn, 4, stride, 1, bias=norm == "none"), nrm(cn), nn.LeakyReLU(0.2, True)]
             c = cn
-        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        layers.append(Conv2d(c, 1, 4, 1, 1))
         self.main = nn.Sequential(*layers)
         for m in self.modules():  # taming init
             if isinstance(m, nn.Conv2d):

@@ -16,6 +16,7 @@ from groupgen.checkpoint import CheckpointError, load_meta, load_tensors, resolv
 from groupgen.config import ConfigError, from_dict
 from groupgen.layout import TokenLayout
 
+from .conv import Conv2d
 from .quantize import QuantizerConfig, build_quantizer
 from .unet import QGVAENet
 from .vqgan import Decoder, Encoder
@@ -75,8 +76,8 @@ class VQGANNet(nn.Module):
         self.encoder = Encoder(cfg.channels, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn,
                                cfg.dropout)
         # grouped 1x1 convs keep the G sub-latents isolated between encoder and decoder (MGVQ)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1, groups=groups)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1, groups=groups)
+        self.quant_conv = Conv2d(cfg.z_channels, cfg.embed_dim, 1, groups=groups)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1, groups=groups)
         self.decoder = Decoder(cfg.channels, cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.z_channels, cfg.attn,
                                cfg.dropout)
         self.side = cfg.image_size // cfg.factor

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv import Conv1d, Conv2d
 from .vqgan import ResBlock, norm, swish
 
 
@@ -43,7 +44,7 @@ class UNet(nn.Module):
             raise ValueError(f"UNet levels in={lin} bottom={lbottom} out={lout} need {lbottom + 1} channel "
                              f"entries, got chs={chs}")
         self.lin, self.lbottom, self.lout, self.freqs = lin, lbottom, lout, freqs
-        self.conv_in = nn.Conv2d(in_ch + 4 * freqs, chs[lin], 3, padding=1)
+        self.conv_in = Conv2d(in_ch + 4 * freqs, chs[lin], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         self.down_change = nn.ModuleList()
         for lv in range(lin, lbottom):
@@ -57,7 +58,7 @@ class UNet(nn.Module):
             self.up_change.append(ResBlock(chs[lv + 1] + skip, chs[lv]))
             self.up_blocks.append(nn.Sequential(*[ResBlock(chs[lv], chs[lv]) for _ in range(blocks)]))
         self.norm_out = norm(chs[lout])
-        self.conv_out = nn.Conv2d(chs[lout], out_ch, 3, padding=1)
+        self.conv_out = Conv2d(chs[lout], out_ch, 3, padding=1)
 
     def forward(self, x):
         ff = fourier_features(x.shape[-2], x.shape[-1], self.freqs, x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
@@ -84,7 +85,7 @@ class HeadProjection(nn.Module):
         if tokens % heads:
             raise ValueError(f"QG-VAE: tokens ({tokens}) must be divisible by heads ({heads})")
         self.heads = heads
-        self.proj = nn.ModuleList(nn.Conv1d(fin, fout, 1) for _ in range(heads))
+        self.proj = nn.ModuleList(Conv1d(fin, fout, 1) for _ in range(heads))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:  # [B, C, fin] -> [B, C, fout]
         parts = t.transpose(1, 2).chunk(self.heads, dim=2)  # each [B, fin, C/heads]

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .conv import Conv2d
+
 
 def norm(ch: int) -> nn.GroupNorm:
     # 32 groups as in taming/LlamaGen (ch >= 128); tiny CPU models keep >= 4 channels per group
@@ -26,10 +28,10 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 class ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, dropout: float = 0.0):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = norm(cin), Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = norm(cout), Conv2d(cout, cout, 3, padding=1)
         self.drop = nn.Dropout(dropout)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x):
         h = self.conv1(swish(self.norm1(x)))
@@ -43,8 +45,8 @@ class AttnBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.norm = norm(ch)
-        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = nn.Conv2d(ch, ch, 1)
+        self.qkv = Conv2d(ch, 3 * ch, 1)
+        self.proj = Conv2d(ch, ch, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -56,7 +58,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad as taming: exact /2
@@ -65,7 +67,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -75,7 +77,7 @@ class Encoder(nn.Module):
     def __init__(self, in_channels: int, ch: int, ch_mult: list[int], num_res_blocks: int, z_channels: int,
                  attn: bool = True, dropout: float = 0.0):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         cin = ch
         n = len(ch_mult)
@@ -93,7 +95,7 @@ class Encoder(nn.Module):
         self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if attn else nn.Identity(),
                                  ResBlock(cin, cin, dropout))
         self.norm_out = norm(cin)
-        self.conv_out = nn.Conv2d(cin, z_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -111,7 +113,7 @@ class Decoder(nn.Module):
         super().__init__()
         n = len(ch_mult)
         cin = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, cin, 3, padding=1)
+        self.conv_in = Conv2d(z_channels, cin, 3, padding=1)
         self.mid = nn.Sequential(ResBlock(cin, cin, dropout), AttnBlock(cin) if attn else nn.Identity(),
                                  ResBlock(cin, cin, dropout))
         self.up = nn.ModuleList()
@@ -127,7 +129,7 @@ class Decoder(nn.Module):
             level.upsample = Upsample(cin) if i > 0 else nn.Identity()
             self.up.append(level)
         self.norm_out = norm(cin)
-        self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, out_channels, 3, padding=1)
 
     @property
     def last_layer(self) -> torch.Tensor:

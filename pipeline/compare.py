@@ -1,6 +1,6 @@
 """Token-layout comparison: one AR recipe trained on the token stores of several tokenizers.
 
-    python -m eval.compare --config configs/main/compare_fmnist.yaml [key=value ...]
+    python -m pipeline.compare --config configs/main/compare_fmnist.yaml [key=value ...]
 
 For every layout row (a tokenizer preset + overrides, and AR overrides such as the head kind) it
 trains the tokenizer, encodes the train split (and a test-split validation store), measures
@@ -15,7 +15,7 @@ Quality vs steps comes from the intermediate checkpoints of one run per (row, se
 separate shorter runs: the cheapest correct choice (a curve over one schedule, like FID-vs-epochs
 plots); the cosine LR therefore has not decayed at intermediate points.
 
-Stages are ``groupgen.main.Pipeline.stage`` (cached under ``out/stages/<n>_<stage>-<hash>/``,
+Stages are ``pipeline.main.Pipeline.stage`` (cached under ``out/stages/<n>_<stage>-<hash>/``,
 finished ones reused, ``redo=[ar,sample]`` recomputes). Rows sharing a tokenizer (MGVQ with both
 head kinds) share its tokenizer/encode/stats stages because the keys are equal.
 """
@@ -35,8 +35,9 @@ import numpy as np
 
 from groupgen.checkpoint import atomic_write_text
 from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
-from groupgen.main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 from groupgen.runs import read_jsonl, set_threads
+
+from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
 
@@ -107,7 +108,7 @@ class CompareConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[eval.compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[pipeline.compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _finite(x) -> float | None:
@@ -153,8 +154,8 @@ class Comparison:
         """Tokenizer, train/val token stores, recon + layout statistics of one row (cached)."""
         from eval.layout_stats import LayoutStatsConfig, layout_stats
         from groupgen.tokens import TokenStore
-        from tokenizer.evaluate import EvalConfig as ReconConfig
-        from tokenizer.evaluate import evaluate as recon_eval
+        from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+        from tokenizer.model import load_tokenizer
         from tokenizer.train import TokenizerTrainConfig
         from tokenizer.train import train as train_tok
 
@@ -171,11 +172,12 @@ class Comparison:
         ls_cfg = load_config(LayoutStatsConfig, None, c.stats.layout_overrides)
 
         def run_stats(d):
-            rc = ReconConfig(split="test", max_images=c.stats.recon_images, batch_size=c.stats.recon_batch,
-                             lpips=False, threads=c.threads, out=str(d / "recon.json"))
-            rec = recon_eval(tok_dir, rc)
+            rc = ReconEvalConfig(split="test", n=c.stats.recon_images, batch_size=c.stats.recon_batch,
+                                 lpips=False, extractor="none")
+            rec = evaluate_tokenizer(load_tokenizer(tok_dir), rc, log=_log)
+            atomic_write_text(d / "recon.json", json.dumps(rec, indent=1))
             lay = layout_stats(TokenStore(enc["train"]), ls_cfg)
-            return {"recon": {k: v for k, v in rec.items() if k not in ("notes", "json")}, "layout": lay}
+            return {"recon": rec, "layout": lay}
 
         _, st, _ = self.stage(2, "stats", {"up": h2, "recon": dataclasses.asdict(c.stats),
                                            "layout": dataclasses.asdict(ls_cfg)}, run_stats)
@@ -342,7 +344,7 @@ def write_table(res: dict, path: Path) -> None:
         lines.append(
             f"| {r['name']} | {Path(r['tokenizer']).stem} | {r['L']} × {r['G']} "
             f"| {'/'.join(map(str, sorted(set(r['K']))))} "
-            f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage'), 3)} "
+            f"| {r['bits_per_image']:.0f} | {_fmt(rec.get('psnr'))} | {_fmt(rec.get('usage_mean'), 3)} "
             f"| {_fmt(lay.get('sum_position_entropy_bits'), 0)} | {spm} "
             f"| {(r['params'] or 0) / 1e6:.2f}M | {_pm(fin, 'val_loss', 3)} | {_pm(fin, 'val_nll_bits', 0)} "
             f"| {_pm(fin, 'fid')} | {_pm(fin, 'class_acc', 3)} "
@@ -393,7 +395,7 @@ def plot_quality(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/compare_fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'select=[vq,mgvq_g4_ind]'")
     args = ap.parse_args(argv)

@@ -1,6 +1,6 @@
 """The main job: tokenizer -> token store -> AR prior (DeepSpeed) -> samples -> metrics, in one run folder.
 
-    python -m groupgen.main --config configs/main/fmnist.yaml [key=value ...]
+    python -m pipeline.main --config configs/main/fmnist.yaml [key=value ...]   (or: python -m groupgen.main)
 
 Each stage runs in ``out/<n>_<stage>-<hash>/`` where the hash covers the stage's resolved config and the
 hashes of the stages before it, and is marked finished by a ``DONE.json``. A re-run reuses finished
@@ -22,11 +22,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import atomic_copyfile, atomic_write_text
-from .cli import user_errors
-from .config import ConfigError, config_hash, load_config, save_config
-from .runlock import hold_run_folder
-from .runs import set_threads
+from groupgen.checkpoint import atomic_copyfile, atomic_write_text
+from groupgen.cli import user_errors
+from groupgen.config import ConfigError, config_hash, load_config, save_config
+from groupgen.runlock import hold_run_folder
+from groupgen.runs import set_threads
 
 STAGES = ("tokenizer", "encode", "ar", "sample", "eval")
 
@@ -50,6 +50,8 @@ class EvalSection:
     ref: str = "fmnist"                     # reference for FID: dataset name, image folder, or .npz
     extractor: str = "domain"               # domain (small datasets) | inception
     real_n: int = 10000                     # real images per side for the train-vs-test reference FID
+    floor_draws: int = 5                    # seeded draws of real train images behind the equal-N FID floor
+    floor_seed: int = 0                     # draw i uses seed floor_seed + i
     recon_images: int = 2000                # test images for the tokenizer's PSNR / SSIM / rFID / usage
     overrides: list[str] = field(default_factory=list)   # eval.generation GenEvalConfig overrides
 
@@ -83,7 +85,7 @@ def encode_stores(tok_dir, out: Path, data_cfg, enc: EncodeSection) -> dict:
 
 
 def _log(msg: str) -> None:
-    print(f"[groupgen.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[pipeline.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 class Pipeline:
@@ -144,7 +146,7 @@ class Pipeline:
     def run(self) -> dict:
         from ar_model.train import ARTrainConfig
         from ar_model.train import train as train_ar
-        from eval.generation import GenEvalConfig, evaluate_samples
+        from eval.generation import GenEvalConfig, evaluate_samples, fid_floor
         from sampling.sample import SamplingConfig
         from sampling.sample import sample as run_sampling
         from tokenizer.train import TokenizerTrainConfig
@@ -155,7 +157,7 @@ class Pipeline:
         tok_cfg = load_config(TokenizerTrainConfig, c.tokenizer.config or None, c.tokenizer.overrides)
         ar_cfg = load_config(ARTrainConfig, c.ar.config or None, c.ar.overrides)
         s_cfg = load_config(SamplingConfig, c.sampling.config or None, c.sampling.overrides)
-        e_cfg = load_config(GenEvalConfig, None, [f"extractor={c.eval.extractor}"] + c.eval.overrides)
+        e_cfg = self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={c.eval.extractor}"] + c.eval.overrides)
         run_lock = hold_run_folder(self.out, "groupgen.main")   # one job per out= (held until run returns)
         save_config(c, self.out / "config.yaml")
 
@@ -187,23 +189,29 @@ class Pipeline:
             hw = tuple(data["arr_0"].shape[1:3])
             real, _ = dataset_images(c.eval.ref.partition(":")[0], "train", hw, c.eval.real_n, e_cfg.ref_resize)
             base = evaluate_samples(real, None, c.eval.ref, dataclasses.replace(e_cfg, pr=False), log=_log)
-            from tokenizer.evaluate import EvalConfig as TokEvalConfig
-            from tokenizer.evaluate import evaluate as eval_tok
+            # the honest yardstick: real train images scored like the samples, at the samples' N
+            floor = fid_floor(c.eval.ref, gen["num_samples"], hw, e_cfg, c.eval.floor_draws, c.eval.floor_seed,
+                              log=_log)
+            from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+            from tokenizer.model import load_tokenizer
 
-            rec = eval_tok(tok_dir, TokEvalConfig(max_images=c.eval.recon_images, lpips=False, rfid=True,
-                                                  rfid_extractor=c.eval.extractor, out=str(d / "tokenizer.json"),
-                                                  threads=c.threads))
-            return {"generation": gen, "tokenizer": rec,
+            # rFID with the gFID's extractor (the same domain classifier), on held-out test images
+            rec = evaluate_tokenizer(load_tokenizer(tok_dir), ReconEvalConfig(
+                n=c.eval.recon_images, extractor=c.eval.extractor, inception_weights=e_cfg.inception_weights,
+                domain=e_cfg.domain, lpips=False, device=e_cfg.device, cache=e_cfg.cache), log=_log)
+            atomic_write_text(d / "tokenizer.json", json.dumps(rec, indent=1))
+            return {"generation": gen, "tokenizer": rec, "fid_floor": floor,
                     "real_train_vs_test": {"fid": base["fid"], "is": base["is"], "n": base["num_samples"]}}
 
         ev_dir, ev_res, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg),
                                                    "ref": c.eval.ref, "real_n": c.eval.real_n,
-                                                   "recon_images": c.eval.recon_images}, run_eval)
+                                                   "recon_images": c.eval.recon_images,
+                                                   "floor": [c.eval.floor_draws, c.eval.floor_seed]}, run_eval)
         metrics = self.collect(tok_dir, enc_res, ar_dir, ar_res, smp_dir, smp_res, ev_res)
         metrics["wall_seconds"] = round(time.perf_counter() - t_all, 1)
         metrics["stage_seconds"] = self.timings
         atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1, default=str))
-        self.report(metrics)
+        self.report(metrics, tok_dir, ar_dir, smp_dir)
         self.drop_set_aside()
         _log(f"finished in {metrics['wall_seconds']:.0f}s; see {self.out / 'report.md'}")
         run_lock.release()
@@ -223,48 +231,61 @@ class Pipeline:
             atomic_copyfile(strips[-1], self.out / "recon.png")
         from groupgen.tokens import TokenStore
 
-        layout = TokenStore(enc_res["train"]).layout
+        store = TokenStore(enc_res["train"])
+        layout = store.layout
         gen = ev_res["generation"]
         out = {
             "layout": layout.to_dict(), "layout_text": layout.describe(),
+            "class_names": store.header.get("class_names") or [],
             "tokenizer": {"dir": str(tok_dir), **ev_res.get("tokenizer", {})},
             "ar": {k: v for k, v in (ar_res or {}).items() if isinstance(v, (int, float, str, list))},
             "sampling": {"dir": str(smp_dir)},
             "generation": gen, "real_train_vs_test": ev_res["real_train_vs_test"],
+            "fid_floor": ev_res.get("fid_floor"),
         }
-        acc, ref_acc = gen.get("class_acc"), gen.get("classifier_test_acc")
-        if acc is not None and ref_acc:
-            out["class_acc_ratio"] = acc / ref_acc
+        out.update(ratios(gen, ev_res.get("fid_floor")))
         return out
 
-    def report(self, m: dict) -> None:
-        g, r = m["generation"], m["real_train_vs_test"]
-        tok = m["tokenizer"]
-        lines = [
-            "# groupgen main job report", "",
-            f"Layout: {m['layout_text']}", "",
-            "| stage | seconds |", "|---|---|",
-            *[f"| {k} | {v} |" for k, v in m["stage_seconds"].items()],
-            f"| total (this invocation) | {m['wall_seconds']} |", "",
-            "## Tokenizer", f"Test split ({tok.get('images', '?')} images): "
-            f"`{json.dumps({k: v for k, v in tok.items() if isinstance(v, (int, float))})}`", "",
-            "Reconstructions (top: real, bottom: reconstructed): ![recon](recon.png)", "",
-            "## AR prior", f"Final metrics: `{json.dumps(m['ar'])}`", "",
-            "## Samples", "Rows are classes: ![grid](grid.png) — all samples in `samples.npz`.", "",
-            "## Metrics (domain classifier: comparable between runs of this project, not to papers)", "",
-            "| metric | samples | real train vs real test |", "|---|---|---|",
-            f"| FID | {g['fid']:.3f} | {r['fid']:.3f} |",
-            f"| IS | {g['is']:.3f} | {r['is']:.3f} |",
-            f"| class-conditional accuracy | {g.get('class_acc', float('nan')):.3f} | classifier test acc "
-            f"{g.get('classifier_test_acc', float('nan')):.3f} |",
-            "", f"Ratio class acc / classifier acc: {m.get('class_acc_ratio', float('nan')):.3f} (bar: >= 0.85).",
-            "", "Full numbers: [metrics.json](metrics.json).",
-        ]
-        atomic_write_text(self.out / "report.md", "\n".join(lines) + "\n")
+    def report(self, m: dict, tok_dir, ar_dir, smp_dir) -> None:
+        import numpy as np
+
+        from .report import loss_curves_png, real_vs_samples_png, write_report
+
+        figs = {"loss_curves": "loss_curves.png"}
+        loss_curves_png(Path(tok_dir) / "metrics.jsonl", Path(ar_dir) / "metrics.jsonl", self.out / figs["loss_curves"])
+        with np.load(Path(smp_dir) / "samples.npz") as z:
+            images, labels = z["arr_0"], z["labels"]
+        real = self.real_test_images(tuple(images.shape[1:3]))
+        if real is not None:
+            figs["real_vs_samples"] = "real_vs_samples.png"
+            real_vs_samples_png(*real, images, labels, self.out / figs["real_vs_samples"],
+                                class_names=m.get("class_names"))
+        write_report(self.out, m, figs)
+
+    def real_test_images(self, hw: tuple[int, int]):
+        """Held-out real images (with labels) of a dataset reference, for the side-by-side figure."""
+        from eval.fidelity import dataset_images, parse_ref
+
+        kind, name, _ = parse_ref(self.cfg.eval.ref, "test")
+        if kind != "dataset":
+            return None
+        return dataset_images(name, "test", hw, 2000, self.e_cfg.ref_resize)
+
+
+def ratios(gen: dict, floor: dict | None) -> dict:
+    """The samples' numbers over their yardsticks: FID over the equal-N floor's mean, class accuracy over
+    the classifier's accuracy on real test images."""
+    out = {}
+    if floor and floor.get("fid_mean"):
+        out["fid_ratio"] = gen["fid"] / floor["fid_mean"]
+    acc, ref_acc = gen.get("class_acc"), gen.get("classifier_test_acc")
+    if acc is not None and ref_acc:
+        out["class_acc_ratio"] = acc / ref_acc
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m groupgen.main", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.main", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'ar.overrides=[train.steps=50]'")
     args = ap.parse_args(argv)
