@@ -5,7 +5,9 @@
 PSNR twice: ``psnr`` from the dataset-mean MSE (as MGVQ reports it) and ``psnr_per_image`` (mean of
 per-image PSNRs); SSIM (Gaussian window 11, sigma 1.5, on [0,1] images); LPIPS (VGG) when weights are
 available offline, else skipped with a note; rFID through the eval package (``eval.reconstruction.rfid``)
-when it is importable and ``rfid=true``; codebook usage / perplexity per group from the codes.
+when it is importable and ``rfid=true``; codebook usage / perplexity per group from the codes; and
+the same on the dataset's native basis (``psnr_native``, ``psnr_native_per_image``, ``ssim_native``:
+Fashion-MNIST's 28x28 centre, skimage's SSIM; ``tokenizer.native_metrics``).
 Prints JSON and writes it to ``out`` (default: <checkpoint dir>/eval_<split>.json).
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from groupgen.runs import default_device, progress, set_threads
 
 from .losses import LPIPS, lpips_weights_available
 from .model import load_tokenizer
+from .native_metrics import NativeMeter, native_box
 from .train import get_batch, parse_cli, psnr_from_mse
 
 DOMAIN_DATASETS = ("fmnist", "digits")   # the datasets eval.domain has a classifier for
@@ -132,6 +135,7 @@ def evaluate(ckpt: str | Path, cfg: EvalConfig | None = None) -> dict:
             notes.append("LPIPS skipped: no VGG16 weights offline (put vgg16-397923af.pth in the torch hub "
                          "cache or pass lpips_vgg_path=...)")
     sse, npix, per_psnr, ssims, lps, all_codes, real, fake = 0.0, 0, [], [], [], [], [], []
+    native = NativeMeter(native_box(data_cfg))
     for a in progress(range(0, n, cfg.batch_size), desc="evaluate"):
         x = get_batch(ds, range(a, min(n, a + cfg.batch_size))).to(device)
         codes = tok.encode(x)
@@ -141,6 +145,7 @@ def evaluate(ckpt: str | Path, cfg: EvalConfig | None = None) -> dict:
         npix += d2.numel()
         per_psnr += [psnr_from_mse(float(m)) for m in d2.mean(1)]
         ssims.append(ssim((x + 1) / 2, (xr + 1) / 2).cpu())
+        native.update(x, xr)
         if lp is not None:
             lps.append(lp(x, xr).cpu())
         all_codes.append(codes.cpu())
@@ -153,7 +158,7 @@ def evaluate(ckpt: str | Path, cfg: EvalConfig | None = None) -> dict:
            "psnr": psnr_from_mse(sse / max(1, npix)), "psnr_per_image": float(np.mean(per_psnr)),
            "ssim": float(torch.cat(ssims).mean()),
            "lpips": float(torch.cat(lps).mean()) if lps else None,
-           **code_usage(codes, tok.layout.K, tok.layout.per_position_codebook)}
+           **native.result(), **code_usage(codes, tok.layout.K, tok.layout.per_position_codebook)}
     if cfg.rfid:
         res["rfid"], note = _rfid(real, fake, cfg, device, data_cfg.name)
         if note:
