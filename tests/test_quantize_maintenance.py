@@ -85,6 +85,26 @@ def test_revival_never_duplicates_when_dead_codes_outnumber_features():
     assert sorted(d.argmin(-1).tolist()) == [0, 1, 2, 3, 4] and (d.min(-1).values < 0.2).all()
 
 
+def test_revival_pool_spans_several_batches():
+    """With ``revive_pool`` the dead codes are filled from the last batches, not only the last one."""
+    torch.manual_seed(3)
+    cfg = QuantizerConfig(kind="pertoken", num_tokens=1, codebook_size=40, revive_every=3, revive_pool=24)
+    q = build_quantizer(cfg, 4).train()
+    with torch.no_grad():
+        q.books.embed[0, 1:] = 100.0
+        q.books.embed[0, 0] = 0.0
+    batches = [torch.randn(8, 1, 4) for _ in range(3)]
+    for step, z in enumerate(batches, 1):
+        q.quantize(z)
+        info = q.step_end(step)
+    assert info["revived"] == 24                   # 39 dead, 3 batches x 8 distinct features
+    new = q.books.embed.detach()[0]
+    revived = new[(new < 50).all(-1) & (torch.arange(40) > 0)]
+    feats = torch.cat(batches)[:, 0]
+    d = torch.cdist(revived, feats)
+    assert sorted(d.argmin(-1).tolist()) == list(range(24)) and (d.min(-1).values < 0.2).all()
+
+
 # ----------------------------------------------------------------------------- item 3: MGVQ as released
 
 def test_two_stage_schedule_masks_before_and_not_after_the_switch_step():

@@ -59,6 +59,7 @@ class QuantizerConfig:
     revive_every: int = 0            # steps between dead-code revivals (0 = off)
     revive_threshold: float = 1.0    # a code used fewer times than this in the window is dead
     revive_noise: float = 0.01       # revived code = distinct batch feature + N(0, (this * its rms)^2)
+    revive_pool: int = 0             # features kept per slot to revive from (0 = the last batch only)
     soft_revive: bool = False        # MGVQ release: usage EMA, rare codes pulled to batch features each step
     soft_revive_decay: float = 0.99
     num_tokens: int = 0              # pertoken: C (= L)
@@ -106,8 +107,8 @@ class QuantizerConfig:
             bad(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.entropy_temperature <= 0:
             bad(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
-        if self.revive_every < 0 or self.reset_every < 0:
-            bad("revive_every and reset_every must be >= 0")
+        if self.revive_every < 0 or self.reset_every < 0 or self.revive_pool < 0:
+            bad("revive_every, reset_every and revive_pool must be >= 0")
         if self.mask_until_step < 0 or (self.mask_until_step and not self.nested_mask):
             bad(f"mask_until_step must be >= 0 and needs nested_mask=true, got {self.mask_until_step}")
         if self.reset_rule not in ("once", "proportional"):
@@ -268,7 +269,7 @@ class Codebooks(nn.Module):
         if cfg.soft_revive:  # the EMA is state (saved for an exact resume); the step's counts are not
             self.register_buffer("usage_ema", torch.zeros(P, K))
             self.register_buffer("step_counts", torch.zeros(P, K), persistent=False)
-        self._recent: list[torch.Tensor | None] = [None] * P  # last batch's features per slot
+        self._recent: list[torch.Tensor | None] = [None] * P  # revival pool per slot (newest first)
 
     def codebook(self) -> torch.Tensor:
         """The effective fp32 codebook ``[P, K, d]`` (normalised under ``l2_norm``)."""
@@ -318,9 +319,12 @@ class Codebooks(nn.Module):
             self.round_usage[sl] += counts
         if self.cfg.soft_revive:
             self.step_counts[sl] += counts
-        if recent:
+        if recent:  # the revival pool: the newest `revive_pool` features (at least the last batch)
             for i in range(p):
-                self._recent[first + i] = x[i]
+                old = self._recent[first + i]
+                keep = self.cfg.revive_pool - x.shape[1]
+                self._recent[first + i] = (torch.cat([x[i], old[:keep]]) if keep > 0 and old is not None
+                                           else x[i])
         if self.cfg.ema:
             sums = torch.zeros(p, self.K, self.d, device=x.device).scatter_add_(
                 1, idx[..., None].expand(-1, -1, self.d), x.float())

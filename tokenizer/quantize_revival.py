@@ -4,8 +4,9 @@ autograd), keeps data-parallel ranks identical (rank 0's result is broadcast) an
 codes it moved.
 
 * ``revive_dead``: every ``revive_every`` steps, codes used fewer than ``revive_threshold`` times in
-  the window take *distinct* features of the slot's last batch, drawn without replacement, plus a
-  small relative perturbation (``revive_noise``). Drawing with replacement, or from features that are
+  the window take *distinct* features of the slot's last batch (or of its last ``revive_pool``
+  features: a per-token QG-VAE codebook sees one vector per image, 32 a batch for 512 codes), drawn
+  without replacement, plus a small relative perturbation (``revive_noise``). Drawing with replacement, or from features that are
   equal (Fashion-MNIST's blank border encodes to many identical latents), gives revived codes that
   tie in the argmin: only the first of a tie is ever chosen, the others stay dead.
 * ``soft_revive``: every step, a usage EMA per code; each code is pulled toward a random batch feature
