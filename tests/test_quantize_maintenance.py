@@ -194,4 +194,4 @@ def test_once_reset_keeps_the_release_rule():
 def test_qgvae_preset_uses_the_growth_rule():
     from tokenizer.train import TokenizerTrainConfig
     cfg = load_config(TokenizerTrainConfig, "configs/tokenizer/fmnist_qgvae.yaml")
-    assert cfg.quantizer.reset_rule == "proportional"
+    assert cfg.quantizer.reset_rule == "proportional" and cfg.quantizer.revive_pool >= cfg.quantizer.codebook_size
