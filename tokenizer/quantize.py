@@ -286,7 +286,11 @@ class Codebooks(nn.Module):
     def nearest(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """argmin over codes for ``x [p, N, d]`` against ``e [p, K, d]``, chunked over N so the
         distance block stays in cache (2^20 floats, 4 MiB: at 2^23 each block went to memory and the
-        search took 5x longer at K 16384, BENCHMARKS.md "tokenizer_speed")."""
+        search took 5x longer at K 16384, BENCHMARKS.md "tokenizer_speed"). For K >= 2048 on the CPU
+        the fused kernel of ``nearest_cpu`` runs instead (no distance block at all)."""
+        from tokenizer import nearest_cpu  # large K on the CPU: the fused kernel, if it builds
+        if nearest_cpu.applies(x, e) and (idx := nearest_cpu.nearest(x, e)) is not None:
+            return idx
         p, N, _ = x.shape
         rows = max(1, (1 << 20) // max(1, p * e.shape[1]))
         e2, et = (e * e).sum(-1)[:, None, :], e.transpose(1, 2)
