@@ -57,6 +57,8 @@ STUDIES = {
         ("mgvq_g4_k4096_mask", "a", "MGVQ G4×4096 mask", "fmnist_mgvq_g4", MG + ["quantizer.nested_mask=true"]),
         ("mgvq_g4_k4096_2stage", "a", "MGVQ G4×4096 mask→fine-tune", "fmnist_mgvq_g4",
          MG + ["quantizer.nested_mask=true", SWITCH]),
+        ("mgvq_g4_k4096_release", "a", "MGVQ G4×4096 as released (2 stages, soft revival)", "fmnist_mgvq_g4",
+         MG + ["quantizer.nested_mask=true", SWITCH, "quantizer.soft_revive=true", "quantizer.revive_every=0"]),
         ("mgvq_g8_k2048_nomask", "a", "MGVQ G8×2048 no mask", "fmnist_mgvq_g8", MG8 + ["quantizer.nested_mask=false"]),
         ("mgvq_g8_k2048_mask", "a", "MGVQ G8×2048 mask", "fmnist_mgvq_g8", MG8 + ["quantizer.nested_mask=true"]),
         ("mgvq_g8_k2048_2stage", "a", "MGVQ G8×2048 mask→fine-tune", "fmnist_mgvq_g8",
