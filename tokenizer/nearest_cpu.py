@@ -6,7 +6,7 @@ the CPU): the GEMM path writes and re-reads a 2048 x 16384 distance block every 
 of a 0.08-0.2 s ``fmnist_vq`` step; the kernel keeps the running argmin in registers. Same codes up
 to the rounding of the distance (summation order); ties go to the first index, as ``argmin``. Where
 it cannot be built, or ``GROUPGEN_CPU_KERNELS=0``, ``nearest`` returns None and the caller keeps the
-PyTorch path.
+PyTorch path. ``argmin_last`` is that path's argmin (two vectorised passes instead of one scalar one).
 """
 from __future__ import annotations
 
@@ -65,3 +65,17 @@ def nearest(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
         return None
     e2 = (e * e).sum(-1).contiguous()
     return _state["ext"].nearest(x.contiguous(), e.transpose(1, 2).contiguous(), e2)
+
+
+def argmin_last(s: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """``s.argmin(-1)`` with the same result (the first index of the minimum) in two cheap passes:
+    ``amin`` over blocks of ``block`` codes, then argmin over the block minima and inside the winning
+    block. The CPU argmin over a long last dim is scalar (~1 ns an element, 28 ms a step at
+    2048 x 16384) while amin is vectorised (~15x faster)."""
+    K = s.shape[-1]
+    if K < 4 * block or K % block or not s.is_cpu:
+        return s.argmin(-1)
+    v = s.reshape(*s.shape[:-1], K // block, block)
+    b = v.amin(-1).argmin(-1)                       # first block holding the minimum
+    inner = v.gather(-2, b[..., None, None].expand(*b.shape, 1, block)).squeeze(-2).argmin(-1)
+    return b * block + inner

@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import nearest_cpu
 from tokenizer.code_usage import UsageTracker
 from tokenizer.quantize_revival import grad_reset, revive_dead, soft_revive
 
@@ -187,20 +188,6 @@ def entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sample, codebook
 
 
-def _argmin_last(s: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """``s.argmin(-1)`` with the same result (the first index of the minimum) in two cheap passes:
-    ``amin`` over blocks of ``block`` codes, then argmin over the block minima and inside the winning
-    block. The CPU argmin over a long last dim is scalar (~1 ns an element, 28 ms a step at
-    2048 x 16384) while amin is vectorised (~15x faster)."""
-    K = s.shape[-1]
-    if K < 4 * block or K % block or not s.is_cpu:
-        return s.argmin(-1)
-    v = s.reshape(*s.shape[:-1], K // block, block)
-    b = v.amin(-1).argmin(-1)                       # first block holding the minimum
-    inner = v.gather(-2, b[..., None, None].expand(*b.shape, 1, block)).squeeze(-2).argmin(-1)
-    return b * block + inner
-
-
 class Quantizer(nn.Module):
     """Base class: see the module docstring for the contract."""
 
@@ -288,7 +275,7 @@ class Codebooks(nn.Module):
         distance block stays in cache (2^20 floats, 4 MiB: at 2^23 each block went to memory and the
         search took 5x longer at K 16384, BENCHMARKS.md "tokenizer_speed"). For K >= 2048 on the CPU
         the fused kernel of ``nearest_cpu`` runs instead (no distance block at all)."""
-        from tokenizer import nearest_cpu  # large K on the CPU: the fused kernel, if it builds
+        # large K on the CPU: the fused kernel, if it builds (it is built on the first such call)
         if nearest_cpu.applies(x, e) and (idx := nearest_cpu.nearest(x, e)) is not None:
             return idx
         p, N, _ = x.shape
@@ -301,7 +288,7 @@ class Codebooks(nn.Module):
         for i in range(0, N, rows):
             xi = x[:, i:i + rows]
             blk = buf[:xi.shape[1] * p * e.shape[1]].view(p, xi.shape[1], e.shape[1])
-            out.append(_argmin_last(torch.baddbmm(e2, xi, et, alpha=-2.0, out=blk)))
+            out.append(nearest_cpu.argmin_last(torch.baddbmm(e2, xi, et, alpha=-2.0, out=blk)))
         return torch.cat(out, dim=1) if out else x.new_zeros(p, 0, dtype=torch.long)
 
     @staticmethod
