@@ -51,6 +51,21 @@ def test_large_codebook_search_stays_in_cache_and_matches_argmin(kernel, monkeyp
     assert (idx[0, :5] == 70).all()
 
 
+def test_fused_kernel_on_several_slots_wide_codes_and_ragged_rows():
+    """Per-token shapes: 3 slots, dim 64, 7 vectors (not a multiple of the kernel's 4-row pass)."""
+    from tokenizer import nearest_cpu
+    if nearest_cpu._ext() is None:
+        pytest.skip("the nearest-code kernel cannot be built here")
+    torch.manual_seed(1)
+    x, e = torch.randn(3, 7, 64), torch.randn(3, 2048, 64)
+    e[1, 1500] = x[1, 2]                          # an exact hit late in the codebook
+    got = nearest_cpu.nearest(x, e)
+    brute = ((x[:, :, None, :] - e[:, None]) ** 2).sum(-1).argmin(-1)
+    assert got is not None and got.dtype == torch.long and torch.equal(got, brute)
+    assert int(got[1, 2]) == 1500
+    assert nearest_cpu.nearest(x, e[:, :1024]) is None      # small K keeps the GEMM path
+
+
 # ----------------------------------------------------------------------------- item 2: revival
 
 def _books_with_dead(feats: torch.Tensor, K: int, **kw) -> Codebooks:
