@@ -216,3 +216,12 @@ def test_qgvae_preset_uses_the_growth_rule():
     from tokenizer.train import TokenizerTrainConfig
     cfg = load_config(TokenizerTrainConfig, "configs/tokenizer/fmnist_qgvae.yaml")
     assert cfg.quantizer.reset_rule == "proportional" and cfg.quantizer.revive_pool >= cfg.quantizer.codebook_size
+
+
+def test_train_step_bench_quick(tmp_path):
+    """``tokenizer_speed --train-step`` runs (2 steps per K) and reports a ratio per K; no timing asserted."""
+    from bench import tokenizer_speed
+    R = tokenizer_speed.main(["--train-step", "--quick", "--ks", "256,2048", "--threads", "1", "--reps", "1",
+                              "--warmup", "0", "--json", str(tmp_path / "s.json")])
+    assert R["ks"] == [256, 2048] and R["K=256"]["ratio"] == 1.0
+    assert R["K=2048"]["s_per_step"] > 0 and (tmp_path / "s.json").exists()
