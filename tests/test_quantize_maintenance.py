@@ -180,6 +180,18 @@ def test_soft_revival_pulls_unused_codes_to_features_and_leaves_used_ones():
     assert q.books.usage_ema[0, :2].sum() > 0 and q.books.usage_ema[0, 2:].sum() == 0
 
 
+def test_soft_revival_leaves_groups_masked_this_step_alone():
+    torch.manual_seed(0)
+    cfg = QuantizerConfig(kind="multigroup", groups=2, codebook_size=8, soft_revive=True, nested_mask=True,
+                          nested_keep_probs=[1.0, 0.0])
+    q = build_quantizer(cfg, 4).train()
+    q.quantize(torch.randn(2, 4, 4))              # group 1 masked: its codes saw nothing this step
+    before = q.books.embed.detach().clone()
+    q.step_end(1)
+    assert torch.equal(q.books.embed.detach()[1], before[1]) and q.books.usage_ema[1].sum() == 0
+    assert not torch.equal(q.books.embed.detach()[0], before[0])
+
+
 # ----------------------------------------------------------------------------- item 5: QG-VAE growth
 
 def _reset_books(rule: str) -> tuple[Codebooks, torch.Tensor]:

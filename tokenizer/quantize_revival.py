@@ -70,14 +70,15 @@ def soft_revive(books) -> int:
     cfg = books.cfg
     a = 1.0 - cfg.soft_revive_decay
     n = books.step_counts.sum(-1, keepdim=True)
-    frac = torch.where(n > 0, books.step_counts / n.clamp_min(1), torch.zeros_like(books.step_counts))
-    books.usage_ema.mul_(1 - a).add_(frac, alpha=a)
+    seen = n[:, 0] > 0   # slots this step saw (a group masked by nested masking did not): only they move
+    ema = books.usage_ema * (1 - a) + a * books.step_counts / n.clamp_min(1)
+    books.usage_ema.copy_(torch.where(seen[:, None], ema, books.usage_ema))
     books.step_counts.zero_()
     w = torch.exp(-books.usage_ema * books.K * 10.0 / a - 1e-3)         # [P, K]
     pulled = 0
     for s in range(books.P):
         feats = books._recent[s]
-        if feats is None or feats.shape[0] == 0:
+        if not seen[s] or feats is None or feats.shape[0] == 0:
             continue
         N = feats.shape[0]
         # one anchor per code: a random permutation of the batch, repeated when K > N; perturbed so
