@@ -189,6 +189,22 @@ def summarize_row(row, recs: list[dict], seeds: list[int]) -> dict:
     return out
 
 
+def _in_progress(rowdir: Path, a) -> list[dict]:
+    """Seeds started under this protocol but not finished: step reached, target, held-out curve."""
+    out = []
+    for prog in sorted(rowdir.glob("seed*/progress.json")):
+        d = prog.parent
+        if (d / "seed.json").exists() or not (d / "metrics.jsonl").exists():
+            continue
+        pk = json.loads(prog.read_text())
+        if pk.get("key", {}).get("protocol") != json.loads(json.dumps(protocol(a))):
+            continue
+        m = read_jsonl(d / "metrics.jsonl")
+        out.append({"seed": int(d.name[4:]), "step": m[-1]["step"] if m else 0, "target": pk["target"],
+                    "curve": [(x["step"], x["eval_psnr"]) for x in m if "eval_psnr" in x]})
+    return out
+
+
 def collect(study: str, a, work: Path, out: Path) -> dict:
     """Rebuild results.json from every finished seed on disk (under a lock: two processes may write)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -201,8 +217,13 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
                 r = json.loads(p.read_text())
                 if r.get("key", {}).get("protocol") == json.loads(json.dumps(protocol(a))):
                     recs.append(r)
+            running = _in_progress(work / row[0], a)
             if recs:
-                rows.append(summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds))
+                rows.append({**summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds),
+                             "in_progress": running})
+            elif running:  # no seed finished yet: the row is listed as partial with its curves so far
+                rows.append({"row": row[0], "family": row[1], "label": row[2], "seeds": [], "seeds_planned": a.seeds,
+                             "partial": True, "converged": False, "steps": [], "in_progress": running})
         summary = {"study": study, "protocol": {**protocol(a), "seeds": a.seeds, "threads": a.threads,
                                                 "set": a.set}, "machine": machine_info(a.threads), "rows": rows}
         tmp = out / "results.json.tmp"
@@ -220,6 +241,10 @@ def table(rows: list[dict]) -> str:
     lines = ["| row | bits/img | seeds | steps | converged | PSNR native (per-image) dB | PSNR native (mean MSE) dB "
              "| SSIM native | PSNR 32×32 (per-image) dB | usage % | step s |", "|" + "---|" * 11]
     for r in rows:
+        if not r["seeds"]:
+            runs = ", ".join(f"seed {p['seed']} at step {p['step']}" for p in r["in_progress"])
+            lines.append(f"| {r['label']} | | 0/{len(r['seeds_planned'])} | {runs} | **partial** | | | | | | |")
+            continue
         conv = "yes" if r["converged"] else ("**partial**" if r["partial"] else "**no**")
         lines.append(f"| {r['label']} | {r['bits_per_image']:.0f} | {len(r['seeds'])}/{len(r['seeds_planned'])} "
                      f"| {'/'.join(str(s) for s in r['steps'])} | {conv} "

@@ -63,6 +63,8 @@ def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, 
     partial = ab.collect("tokenizer_ablation", _ns(args), tmp_path / "work", tmp_path / "res" / "tokenizer_ablation")
     assert partial["rows"][0]["partial"] and not partial["rows"][0]["converged"]
     assert partial["rows"][0]["seeds"] == [0, 2]
+    (run,) = partial["rows"][0]["in_progress"]          # the unfinished seed is listed with its curve
+    assert run["seed"] == 1 and [list(p) for p in run["curve"]] == R["rows"][0]["curves"]["1"]
     ab.main(args)
     assert set(calls) == {1}
 
