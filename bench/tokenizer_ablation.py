@@ -208,7 +208,8 @@ def _in_progress(rowdir: Path, a) -> list[dict]:
 def collect(study: str, a, work: Path, out: Path) -> dict:
     """Rebuild results.json from every finished seed on disk (under a lock: two processes may write)."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".results.lock", "w") as lock:
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".results.lock", "w") as lock:   # in the (ignored) run dir, not next to the results
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = []
         for row in STUDIES[study]:
