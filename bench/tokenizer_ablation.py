@@ -1,29 +1,35 @@
-"""Stage-1 tokenizer ablation on Fashion-MNIST (CPU): one training recipe, many quantizer layouts.
+"""Stage-1 tokenizer studies on Fashion-MNIST (CPU) under one protocol (issue 23).
 
-    python bench/tokenizer_ablation.py [--rows a,b,c] [--steps 500] [--quick] [--out DIR] [--work RUNS] [--png PATH]
+    python bench/tokenizer_ablation.py --study mgvq_equal_entries [--rows ID,..|FAMILY,..] [--seeds 0,1,2]
+        [--min-steps 1000 --max-steps 5000 --eval-every 100] [--threads 1] [--out bench/results]
 
-Every row trains with the same steps, seed, batch and optimizer (``tokenizer.train.train`` in this
-process, one row at a time, ``train.threads`` threads), then is evaluated with
-``eval.reconstruction.evaluate_tokenizer`` on the first ``--eval-images`` test images. Families:
+Protocol, for every row of a study:
+* >= 3 seeds (``--seeds``); each seed trains ``tokenizer.train.train`` in this process, 1 thread by
+  default, so two processes (two rows, or two seed lists) share a 2-core host;
+* it trains until the held-out PSNR (``train.eval_psnr``: ``--eval-batches`` test batches every
+  ``--eval-every`` steps) gains < ``--conv-db`` (0.2 dB) over the last fifth of its steps: from
+  ``--min-steps`` the target grows by half (``--grow``) until converged or ``--max-steps``, where the
+  seed is kept with ``converged: false`` and its curve;
+* each seed is then scored by ``eval.reconstruction.evaluate_tokenizer`` on ``--eval-images`` test
+  images, on the 32x32 model basis and on the native 28x28 basis (``eval.native_metrics``);
+* a row reports mean and a 95% interval over its seeds (Student t, n - 1 degrees of freedom;
+  ``ci95`` is the half-width) and every seed's curve.
 
-* (a) MGVQ's ablation at equal total codebook entries (16384): VQ G=1 x 16384 (LlamaGen-style, code
-  dim 8), MGVQ G=4 x 4096 (dim 8) and G=8 x 2048 (dim 4) on the same 32-dim latent, with and without
-  nested masking;
-* (b) equal bits per image (64 positions x 12 bits = 768): G=1 x 4096, G=2 x 64, G=4 x 8, code dim 8
-  per group, no masking, so only the factorisation of the 12 bits changes;
-* (c) QG-VAE with 64 global tokens (as many as the VQ grid has positions) against VQ G=1, K 1024 each.
-
-Writes ``DIR/results.json`` and ``DIR/table.md`` and a PNG of the held-out PSNR curves. A row whose
-``RUNS/<row>/row.json`` (RUNS = ``--work``, default ``DIR/runs``) matches the current settings is reused (re-run with ``--fresh``);
-``tokenizer.train`` itself resumes an interrupted row from its checkpoint. Convergence: the held-out
-PSNR gain over the last fifth of training must be < ``--conv-db`` (0.2 dB, the issue's criterion).
+Resumable seed by seed: ``WORK/<row>/seed<k>/seed.json`` holds a finished seed (reused while the
+protocol settings match, ``--fresh`` retrains), ``progress.json`` the current step target, and
+``tokenizer.train`` resumes an interrupted seed from its checkpoint. ``OUT/<study>/results.json``
+(one object per row: ``row``, ``seeds``, ``steps``, ``converged``, ``partial``, ``bits_per_image``,
+``psnr_native_mean``, ``psnr_native_ci95``, ``usage_mean``, ``curves``, ...) is rebuilt under a file
+lock from every finished seed on disk after each seed, so concurrent processes never drop rows.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,198 +42,270 @@ os.environ.setdefault("GROUPGEN_QUIET", "1")  # no tqdm bars in the benchmark lo
 from groupgen.config import load_config, to_dict  # noqa: E402
 from groupgen.runs import read_jsonl, set_threads  # noqa: E402
 from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer  # noqa: E402
+from tokenizer.model import load_tokenizer  # noqa: E402
 from tokenizer.train import TokenizerTrainConfig, train  # noqa: E402
 
 CFG = "configs/tokenizer"
-# (id, family, label, preset, overrides). Overrides the presets' defaults only where the row differs.
-ROWS = [
-    ("a_vq_g1_k16384", "a", "VQ G1×16384", "fmnist_vq", ["quantizer.codebook_size=16384"]),
-    ("a_mgvq_g4_k4096_mask", "a", "MGVQ G4×4096 +mask", "fmnist_mgvq_g4",
-     ["quantizer.codebook_size=4096", "quantizer.nested_mask=true"]),
-    ("a_mgvq_g4_k4096_nomask", "a", "MGVQ G4×4096 no mask", "fmnist_mgvq_g4",
-     ["quantizer.codebook_size=4096", "quantizer.nested_mask=false"]),
-    ("a_mgvq_g8_k2048_mask", "a", "MGVQ G8×2048 +mask", "fmnist_mgvq_g8",
-     ["quantizer.codebook_size=2048", "quantizer.nested_mask=true"]),
-    ("a_mgvq_g8_k2048_nomask", "a", "MGVQ G8×2048 no mask", "fmnist_mgvq_g8",
-     ["quantizer.codebook_size=2048", "quantizer.nested_mask=false"]),
-    ("b_vq_g1_k4096", "b", "VQ G1×4096", "fmnist_vq", ["quantizer.codebook_size=4096"]),
-    ("b_mg_g2_k64", "b", "MG G2×64", "fmnist_mgvq_g4",
-     ["quantizer.groups=2", "quantizer.codebook_size=64", "model.embed_dim=16", "quantizer.nested_mask=false"]),
-    ("b_mg_g4_k8", "b", "MG G4×8", "fmnist_mgvq_g4", ["quantizer.codebook_size=8", "quantizer.nested_mask=false"]),
-    ("c_vq_g1_k1024", "c", "VQ G1×1024 (64 pos)", "fmnist_vq", ["quantizer.codebook_size=1024"]),
-    ("c_qgvae_t64_k1024", "c", "QG-VAE 64 tok×1024", "fmnist_qgvae", ["quantizer.codebook_size=1024"]),
-]
-FAMILY_TITLES = {"a": "(a) equal codebook entries (16384)", "b": "(b) equal bits (768/image)",
-                 "c": "(c) QG-VAE vs VQ, 64 tokens, K 1024"}
-
-
-def row_settings(steps: int, batch: int, seed: int, threads: int, eval_every: int, eval_batches: int) -> list[str]:
-    """Overrides shared by every row (the 'same recipe' part); checkpoints only at the end."""
-    return [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}", f"train.threads={threads}",
-            f"train.eval_every={eval_every}", f"train.eval_batches={eval_batches}",
-            f"train.log_every={math.gcd(eval_every, 10)}", "train.sample_every=0", f"train.ckpt_every={steps}",
-            "train.keep_last=1", "train.device=cpu"]
+MG = ["quantizer.codebook_size=4096"]
+MG8 = ["quantizer.codebook_size=2048"]
+SWITCH = "quantizer.mask_until_step=1500"   # MGVQ's two stages: masked, then an unmasked fine-tune
+# study -> rows (id, family, label, preset, overrides); overrides change the preset only where the row differs
+STUDIES = {
+    # MGVQ's ablation at equal total codebook entries (16384), the paper's regime of large codebooks
+    "mgvq_equal_entries": [
+        ("vq_g1_k16384", "a", "VQ G1×16384", "fmnist_vq", ["quantizer.codebook_size=16384"]),
+        ("mgvq_g4_k4096_nomask", "a", "MGVQ G4×4096 no mask", "fmnist_mgvq_g4", MG + ["quantizer.nested_mask=false"]),
+        ("mgvq_g4_k4096_mask", "a", "MGVQ G4×4096 mask", "fmnist_mgvq_g4", MG + ["quantizer.nested_mask=true"]),
+        ("mgvq_g4_k4096_2stage", "a", "MGVQ G4×4096 mask→fine-tune", "fmnist_mgvq_g4",
+         MG + ["quantizer.nested_mask=true", SWITCH]),
+        ("mgvq_g4_k4096_release", "a", "MGVQ G4×4096 as released (2 stages, soft revival)", "fmnist_mgvq_g4",
+         MG + ["quantizer.nested_mask=true", SWITCH, "quantizer.soft_revive=true", "quantizer.revive_every=0"]),
+        ("mgvq_g8_k2048_nomask", "a", "MGVQ G8×2048 no mask", "fmnist_mgvq_g8", MG8 + ["quantizer.nested_mask=false"]),
+        ("mgvq_g8_k2048_mask", "a", "MGVQ G8×2048 mask", "fmnist_mgvq_g8", MG8 + ["quantizer.nested_mask=true"]),
+        ("mgvq_g8_k2048_2stage", "a", "MGVQ G8×2048 mask→fine-tune", "fmnist_mgvq_g8",
+         MG8 + ["quantizer.nested_mask=true", SWITCH]),
+    ],
+    # the 2026-11-23 families: (b) equal bits (768/image), (c) QG-VAE vs VQ at 64 tokens x K 1024
+    "tokenizer_ablation": [
+        ("b_vq_g1_k4096", "b", "VQ G1×4096", "fmnist_vq", ["quantizer.codebook_size=4096"]),
+        ("b_mg_g2_k64", "b", "MG G2×64", "fmnist_mgvq_g4",
+         ["quantizer.groups=2", "quantizer.codebook_size=64", "model.embed_dim=16", "quantizer.nested_mask=false"]),
+        ("b_mg_g4_k8", "b", "MG G4×8", "fmnist_mgvq_g4", ["quantizer.codebook_size=8", "quantizer.nested_mask=false"]),
+        ("c_vq_g1_k1024", "c", "VQ G1×1024 (64 pos)", "fmnist_vq", ["quantizer.codebook_size=1024"]),
+        ("c_qgvae_t64_k1024", "c", "QG-VAE 64 tok×1024", "fmnist_qgvae", ["quantizer.codebook_size=1024"]),
+    ],
+}
 
 
 def bits_per_image(layout: dict) -> float:
     return layout["L"] * sum(math.log2(k) for k in layout["K"])
 
 
+def ci95(xs: list[float]) -> float | None:
+    """Half-width of the 95% interval of the mean: t_{0.975, n-1} s / sqrt(n) (None below 2 values)."""
+    if len(xs) < 2:
+        return None
+    from scipy.stats import t
+    return float(t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)))
+
+
 def convergence(curve: list[tuple[int, float]], steps: int, tol_db: float) -> dict:
-    """Held-out PSNR gain from the eval at (or just before) 80% of training to the last eval."""
+    """Held-out PSNR gain from the eval at (or just before) 80% of ``steps`` to the last eval."""
     if not curve:
-        return {"gain_last_fifth_db": None, "converged": None}
-    mark = 0.8 * steps
-    before = [p for s, p in curve if s <= mark]
-    ref = before[-1] if before else curve[0][1]
-    gain = curve[-1][1] - ref
+        return {"gain_last_fifth_db": None, "converged": False}
+    before = [p for s, p in curve if s <= 0.8 * steps]
+    gain = curve[-1][1] - (before[-1] if before else curve[0][1])
     return {"gain_last_fifth_db": gain, "converged": bool(gain < tol_db)}
 
 
-def run_row(row, a, shared: list[str], work: Path) -> dict:
-    rid, fam, label, preset, overrides = row
-    out = work / rid
-    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml", overrides + shared)
-    key = {"config": to_dict(cfg), "eval_images": a.eval_images}
-    cache = out / "row.json"
+def next_target(steps: int, a) -> int:
+    """Grow by ``--grow`` in whole convergence windows (5 evals), so 80% of it is an eval step."""
+    unit = 5 * a.eval_every
+    return min(a.max_steps, max(steps + unit, -(-int(steps * a.grow) // unit) * unit))
+
+
+def shared_overrides(a, seed: int, steps: int) -> list[str]:
+    """The 'same recipe' part of every row; checkpoints every 5 evals and at each target."""
+    return [f"train.steps={steps}", f"train.batch_size={a.batch}", f"train.seed={seed}",
+            f"train.threads={a.threads}", f"train.eval_every={a.eval_every}", f"train.eval_batches={a.eval_batches}",
+            f"train.log_every={math.gcd(a.eval_every, 10)}", "train.sample_every=0",
+            f"train.ckpt_every={5 * a.eval_every}", "train.keep_last=1", "train.device=cpu"] + list(a.set)
+
+
+def protocol(a) -> dict:
+    return {k: getattr(a, k) for k in ("min_steps", "max_steps", "grow", "eval_every", "eval_batches",
+                                       "eval_images", "conv_db", "batch")}
+
+
+def run_seed(row, seed: int, a, work: Path) -> dict | None:
+    """Train (resuming) and evaluate one seed; None when training was interrupted (partial)."""
+    rid, _fam, label, preset, overrides = row
+    out = work / rid / f"seed{seed}"
+    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml",
+                      overrides + shared_overrides(a, seed, a.min_steps))
+    key = json.loads(json.dumps({"config": {**to_dict(cfg), "train": {**to_dict(cfg.train), "steps": None}},
+                                 "protocol": protocol(a)}, default=str))
+    cache, prog = out / "seed.json", out / "progress.json"
     if cache.exists() and not a.fresh:
         old = json.loads(cache.read_text())
-        if old.get("key") == json.loads(json.dumps(key, default=str)):
-            print(f"[{rid}] reusing {cache}", flush=True)
+        if old.get("key") == key:
+            print(f"[{rid} seed {seed}] reusing {cache}", flush=True)
             return old
     if a.fresh and out.exists():
         import shutil
         shutil.rmtree(out)
-    print(f"[{rid}] training {label}: {preset} {' '.join(overrides)}", flush=True)
-    c0, w0 = time.process_time(), time.perf_counter()
-    res = train(cfg, out)
-    cpu_s, wall_s = time.process_time() - c0, time.perf_counter() - w0
-    metrics = read_jsonl(out / "metrics.jsonl")
-    curve = [(m["step"], m["eval_psnr"]) for m in metrics if "eval_psnr" in m]
-    # step time per logging window, first window dropped (oneDNN warm-up)
-    st = sorted(m["step_time"] for m in metrics[1:] if "step_time" in m) or [res.get("step_time", float("nan"))]
-    print(f"[{rid}] evaluating on {a.eval_images} test images", flush=True)
-    from tokenizer.model import load_tokenizer
-
+    out.mkdir(parents=True, exist_ok=True)
+    steps = a.min_steps
+    if prog.exists() and json.loads(prog.read_text()).get("key") == key:
+        steps = json.loads(prog.read_text())["target"]
+    w0 = time.perf_counter()
+    while True:
+        prog.write_text(json.dumps({"key": key, "target": steps}))
+        print(f"[{rid} seed {seed}] training {label} to step {steps}", flush=True)
+        cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml",
+                          overrides + shared_overrides(a, seed, steps))
+        res = train(cfg, out)
+        if res.get("interrupted"):
+            return None
+        metrics = read_jsonl(out / "metrics.jsonl")
+        curve = [(m["step"], m["eval_psnr"]) for m in metrics if "eval_psnr" in m]
+        conv = convergence(curve, steps, a.conv_db)
+        if conv["converged"] or steps >= a.max_steps:
+            break
+        steps = next_target(steps, a)
+    wall = time.perf_counter() - w0
+    st = sorted(m["step_time"] for m in metrics[1:] if "step_time" in m) or [float("nan")]
     set_threads(a.threads)
     ev = evaluate_tokenizer(load_tokenizer(res["checkpoint"], "cpu"), ReconEvalConfig(
         n=a.eval_images, batch_size=128, lpips=False, extractor="none", device="cpu"))
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
-    n_params = sum(p.numel() for p in load_tokenizer(res["checkpoint"], "cpu").parameters())
     layout = res["layout"]
     G = len(layout["K"])
-    out_row = {
-        "id": rid, "family": fam, "label": label, "preset": f"{CFG}/{preset}.yaml", "overrides": overrides,
-        "layout": layout, "G": G, "K": layout["K"], "L": layout["L"], "bits_per_image": bits_per_image(layout),
-        "params": n_params, "steps": res["step"],
-        "psnr": ev["psnr"], "psnr_per_image": ev["psnr_per_image"], "ssim": ev["ssim"],
-        "usage_per_group": ev["usage"], "perplexity_per_group": ev["perplexity"],
-        "usage": ev["usage_mean"], "train_psnr_last": res.get("psnr"),
-        "step_time_median_s": st[len(st) // 2], "train_wall_s": wall_s, "train_cpu_s": cpu_s,
-        "cpu_s_per_step": cpu_s / max(1, res["step"]), "curve": curve,
-        **convergence(curve, a.steps, a.conv_db), "key": key,
-    }
-    cache.write_text(json.dumps(out_row, indent=1, default=str))
+    rec = {"seed": seed, "steps": res["step"], **conv, "curve": curve, "layout": layout,
+           "bits_per_image": bits_per_image(layout), "step_time_median_s": st[len(st) // 2], "wall_s": wall,
+           **{k: ev[k] for k in ("psnr", "psnr_per_image", "ssim", "psnr_native", "psnr_native_per_image",
+                                 "ssim_native", "native_basis")},
+           "usage": ev["usage_mean"], "perplexity": ev["perplexity_mean"],
+           "usage_per_group": ev["usage"][:G], "key": key}
+    cache.write_text(json.dumps(rec, indent=1, default=str))
     return json.loads(cache.read_text())
 
 
-def fmt_usage(u: list[float]) -> str:
-    if len(u) <= 4:
-        return " / ".join(f"{100 * x:.0f}" for x in u)
-    return f"{100 * min(u):.0f}–{100 * max(u):.0f} (min–max of {len(u)})"
+def summarize_row(row, recs: list[dict], seeds: list[int]) -> dict:
+    rid, fam, label, preset, overrides = row
+    vals = lambda k: [r[k] for r in recs]  # noqa: E731
+    out = {"row": rid, "family": fam, "label": label, "preset": f"{CFG}/{preset}.yaml", "overrides": overrides,
+           "seeds": [r["seed"] for r in recs], "seeds_planned": seeds, "partial": len(recs) < len(seeds),
+           "steps": vals("steps"), "converged": bool(recs) and len(recs) >= len(seeds) and all(vals("converged")),
+           "converged_per_seed": vals("converged"), "gain_last_fifth_db": vals("gain_last_fifth_db"),
+           "bits_per_image": recs[0]["bits_per_image"], "layout": recs[0]["layout"],
+           "native_basis": recs[0]["native_basis"]}
+    # psnr_native: mean of per-image PSNRs on the native basis (the issue's figure); _mse: from the mean MSE
+    for name, key in (("psnr_native", "psnr_native_per_image"), ("psnr_native_mse", "psnr_native"),
+                      ("ssim_native", "ssim_native"), ("psnr_model", "psnr_per_image"),
+                      ("psnr_model_mse", "psnr"), ("ssim_model", "ssim"), ("usage", "usage"),
+                      ("step_time_s", "step_time_median_s")):
+        out[f"{name}_mean"] = statistics.fmean(vals(key))
+        out[f"{name}_ci95"] = ci95(vals(key))
+    out["per_seed"] = [{k: v for k, v in r.items() if k not in ("key", "curve", "layout")} for r in recs]
+    out["curves"] = {str(r["seed"]): r["curve"] for r in recs}
+    return out
+
+
+def _in_progress(rowdir: Path, a) -> list[dict]:
+    """Seeds started under this protocol but not finished: step reached, target, held-out curve."""
+    out = []
+    for prog in sorted(rowdir.glob("seed*/progress.json")):
+        d = prog.parent
+        if (d / "seed.json").exists() or not (d / "metrics.jsonl").exists():
+            continue
+        pk = json.loads(prog.read_text())
+        if pk.get("key", {}).get("protocol") != json.loads(json.dumps(protocol(a))):
+            continue
+        m = read_jsonl(d / "metrics.jsonl")
+        out.append({"seed": int(d.name[4:]), "step": m[-1]["step"] if m else 0, "target": pk["target"],
+                    "curve": [(x["step"], x["eval_psnr"]) for x in m if "eval_psnr" in x]})
+    return out
+
+
+def collect(study: str, a, work: Path, out: Path) -> dict:
+    """Rebuild results.json from every finished seed on disk (under a lock: two processes may write)."""
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".results.lock", "w") as lock:   # in the (ignored) run dir, not next to the results
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = []
+        for row in STUDIES[study]:
+            recs = []
+            for p in sorted((work / row[0]).glob("seed*/seed.json")):
+                r = json.loads(p.read_text())
+                if r.get("key", {}).get("protocol") == json.loads(json.dumps(protocol(a))):
+                    recs.append(r)
+            running = _in_progress(work / row[0], a)
+            if recs:
+                rows.append({**summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds),
+                             "in_progress": running})
+            elif running:  # no seed finished yet: the row is listed as partial with its curves so far
+                rows.append({"row": row[0], "family": row[1], "label": row[2], "seeds": [], "seeds_planned": a.seeds,
+                             "partial": True, "converged": False, "steps": [], "in_progress": running})
+        summary = {"study": study, "protocol": {**protocol(a), "seeds": a.seeds, "threads": a.threads,
+                                                "set": a.set}, "machine": machine_info(a.threads), "rows": rows}
+        tmp = out / "results.json.tmp"
+        write_json(tmp, summary)
+        os.replace(tmp, out / "results.json")
+        (out / "table.md").write_text(table(rows))
+    return summary
+
+
+def _fmt(m, ci, digits=2) -> str:
+    return f"{m:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| row | layout | bits/img | params | PSNR (mean-MSE) dB | PSNR (per-image) dB | SSIM | usage % per group "
-            "| step s (wall median) | CPU s/step | ΔPSNR last 1/5 dB | converged |")
-    lines = [head, "|" + "---|" * 12]
+    lines = ["| row | bits/img | seeds | steps | converged | PSNR native (per-image) dB | PSNR native (mean MSE) dB "
+             "| SSIM native | PSNR 32×32 (per-image) dB | usage % | step s |", "|" + "---|" * 11]
     for r in rows:
-        conv = "n/a" if r["converged"] is None else ("yes" if r["converged"] else "**no**")
-        gain = "n/a" if r["gain_last_fifth_db"] is None else f"{r['gain_last_fifth_db']:+.2f}"
-        lay = f"L{r['L']}×G{r['G']}×K{r['K'][0]}"
-        lines.append(f"| {r['family']}: {r['label']} | {lay} | {r['bits_per_image']:.0f} | {r['params'] / 1e6:.2f}M "
-                     f"| {r['psnr']:.2f} | {r['psnr_per_image']:.2f} | {r['ssim']:.3f} | {fmt_usage(r['usage_per_group'])} "
-                     f"| {r['step_time_median_s']:.3f} | {r['cpu_s_per_step']:.3f} | {gain} | {conv} |")
+        if not r["seeds"]:
+            runs = ", ".join(f"seed {p['seed']} at step {p['step']}" for p in r["in_progress"])
+            lines.append(f"| {r['label']} | | 0/{len(r['seeds_planned'])} | {runs} | **partial** | | | | | | |")
+            continue
+        conv = "yes" if r["converged"] else ("**partial**" if r["partial"] else "**no**")
+        lines.append(f"| {r['label']} | {r['bits_per_image']:.0f} | {len(r['seeds'])}/{len(r['seeds_planned'])} "
+                     f"| {'/'.join(str(s) for s in r['steps'])} | {conv} "
+                     f"| {_fmt(r['psnr_native_mean'], r['psnr_native_ci95'])} "
+                     f"| {_fmt(r['psnr_native_mse_mean'], r['psnr_native_mse_ci95'])} "
+                     f"| {_fmt(r['ssim_native_mean'], r['ssim_native_ci95'], 3)} "
+                     f"| {_fmt(r['psnr_model_mean'], r['psnr_model_ci95'])} "
+                     f"| {_fmt(100 * r['usage_mean'], None if r['usage_ci95'] is None else 100 * r['usage_ci95'], 1)} "
+                     f"| {r['step_time_s_mean']:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def plot(rows: list[dict], path: Path, steps: int) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fams = [f for f in "abc" if any(r["family"] == f for r in rows)]
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.2), squeeze=False)
-    for ax, f in zip(axes[0], fams):
-        for r in rows:
-            if r["family"] == f and r["curve"]:
-                s, p = zip(*r["curve"])
-                ax.plot(s, p, marker=".", ms=3, lw=1.2, label=r["label"])
-        ax.axvspan(0.8 * steps, steps, color="0.9", zorder=0)  # the convergence window
-        ax.set_title(FAMILY_TITLES[f], fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("held-out PSNR (dB)", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="a,b,c", help="families (a,b,c) and/or row ids, comma-separated")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--eval-every", type=int, default=0, help="0 = steps/10")
+    ap.add_argument("--study", default="mgvq_equal_entries", choices=sorted(STUDIES))
+    ap.add_argument("--rows", default="", help="row ids and/or families, comma-separated (default: all)")
+    ap.add_argument("--seeds", default="0,1,2", help=">= 3 seeds, comma-separated")
+    ap.add_argument("--min-steps", type=int, default=1000)
+    ap.add_argument("--max-steps", type=int, default=5000, help="step cap: a seed stops here unconverged")
+    ap.add_argument("--grow", type=float, default=1.5, help="target growth while not converged")
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=8, help="held-out batches per curve point")
-    ap.add_argument("--eval-images", type=int, default=2000, help="test images for the final evaluation")
+    ap.add_argument("--eval-images", type=int, default=2000, help="test images for each seed's final scores")
     ap.add_argument("--conv-db", type=float, default=0.2)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 10 steps, tiny evals")
-    ap.add_argument("--out", default="runs/bench/tokenizer_ablation", help="results.json, table.md (and curves.png)")
-    ap.add_argument("--work", default="", help="row run dirs (checkpoints; default OUT/runs)")
-    ap.add_argument("--png", default="", help="curves PNG (default DIR/curves.png)")
-    ap.add_argument("--json", default="", help="also write the raw results here")
-    ap.add_argument("--fresh", action="store_true", help="retrain rows even if a matching row.json exists")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: two processes share 2 cores)")
+    ap.add_argument("--set", action="append", default=[], help="extra key=value for every row (tests, probes)")
+    ap.add_argument("--out", default="bench/results", help="results go to OUT/<study>/")
+    ap.add_argument("--work", default="", help="seed run dirs (default runs/bench/<study>)")
+    ap.add_argument("--fresh", action="store_true", help="retrain seeds even if a matching seed.json exists")
     a = ap.parse_args(argv)
-    if a.quick:
-        a.steps, a.eval_every, a.eval_batches, a.eval_images = 10, 2, 1, 64
-    a.eval_every = a.eval_every or max(1, a.steps // 10)
-    if a.steps % a.eval_every or (a.steps // 5) % a.eval_every:
-        raise SystemExit(f"--eval-every {a.eval_every} must divide steps ({a.steps}) and steps/5, so that the "
-                         "convergence window starts on an eval point")
+    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if len(set(a.seeds)) < 3:
+        raise SystemExit(f"the protocol needs >= 3 distinct seeds, got {a.seeds}")
+    if a.min_steps % (5 * a.eval_every) or a.max_steps % (5 * a.eval_every) or a.max_steps < a.min_steps:
+        raise SystemExit(f"--min-steps {a.min_steps} and --max-steps {a.max_steps} must be multiples of "
+                         f"5 x --eval-every ({5 * a.eval_every}), min <= max: 80% of a target must be an eval")
+    rows_all = STUDIES[a.study]
     want = [w.strip() for w in a.rows.split(",") if w.strip()]
-    known = {r[0] for r in ROWS} | set(FAMILY_TITLES)
-    bad = [w for w in want if w not in known]
+    bad = [w for w in want if w not in {r[0] for r in rows_all} | {r[1] for r in rows_all}]
     if bad:
-        raise SystemExit(f"unknown rows {bad}; families a,b,c or ids {[r[0] for r in ROWS]}")
-    rows = [r for r in ROWS if r[1] in want or r[0] in want]
+        raise SystemExit(f"unknown rows {bad} in study {a.study}; ids {[r[0] for r in rows_all]}")
+    rows = [r for r in rows_all if not want or r[0] in want or r[1] in want]
     set_threads(a.threads)
-    out = Path(a.out)
-    shared = row_settings(a.steps, a.batch, a.seed, a.threads, a.eval_every, a.eval_batches)
-    info = machine_info(a.threads)
-    results = []
+    out = Path(a.out) / a.study
+    work = Path(a.work) if a.work else Path("runs/bench") / a.study
+    summary = {}
     for r in rows:
-        results.append(run_row(r, a, shared, Path(a.work) if a.work else out / "runs"))
-        print(table(results[-1:]).splitlines()[-1], flush=True)
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    png = Path(a.png) if a.png else out / "curves.png"
-    plot(results, png, a.steps)
-    md = table(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(md)
-    summary = {"machine": info, "argv": sys.argv[1:], "steps": a.steps, "batch": a.batch, "seed": a.seed,
-               "threads": a.threads, "eval_every": a.eval_every, "eval_images": a.eval_images,
-               "shared_overrides": shared, "png": str(png),
-               "rows": [{k: v for k, v in r.items() if k != "key"} for r in results]}
-    write_json(out / "results.json", summary)
-    write_json(a.json or None, summary)
-    print(md)
-    print(f"wrote {out / 'results.json'}, {out / 'table.md'}, {png}")
+        for seed in a.seeds:
+            rec = run_seed(r, seed, a, work)
+            summary = collect(a.study, a, work, out)
+            if rec is None:
+                print(f"[{r[0]} seed {seed}] interrupted; rerun to resume", flush=True)
+                sys.exit(143)
+    summary = summary or collect(a.study, a, work, out)
+    print(table(summary["rows"]))
+    print(f"wrote {out / 'results.json'}, {out / 'table.md'}")
     return summary
 
 

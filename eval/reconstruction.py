@@ -29,6 +29,7 @@ from groupgen.config import ConfigError, from_dict, load_config, to_dict
 from groupgen.data import DataConfig
 
 from .domain import DomainConfig
+from .native_metrics import NativeMeter, native_box
 from .fidelity import (EvalError, Extractor, emit_json, build_extractor, extract, fid_from_features, resolve_device,
                        to_uint8_nhwc)
 
@@ -240,6 +241,7 @@ def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None, train_data: dict | N
         check_domain_data(data, cfg.domain)
     ds = build_dataset(data, cfg.split)
     meter = ReconMeter(load_lpips(cfg.lpips_vgg_path, log) if cfg.lpips else None)
+    native = NativeMeter(native_box(data))   # the dataset's own basis too (Fashion-MNIST: the 28x28 centre)
     ext = build_extractor(cfg.extractor, dev, cfg.inception_weights, cfg.domain, cfg.cache) \
         if cfg.extractor != "none" else None
     # features per batch, not images: 50k ImageNet images held in fp32 until the end were 78 GB
@@ -250,12 +252,13 @@ def evaluate_tokenizer(tok, cfg: ReconEvalConfig, log=None, train_data: dict | N
             c = tok.encode(x)
             xr = tok.decode_codes(c).float().clamp(-1, 1)
             meter.update(x, xr)
+            native.update(x, xr)
             codes.append(c.cpu())
             if ext is not None:
                 for imgs, feats in ((x, f_real), (xr, f_rec)):
                     feats.append(ext(torch.from_numpy(to_uint8_nhwc(imgs)).permute(0, 3, 1, 2))[0].float().cpu())
     usage = codebook_usage(torch.cat(codes), lay.K, lay.per_position_codebook)
-    out = {**meter.result(), **usage, "usage_mean": float(np.mean(usage["usage"])),
+    out = {**meter.result(), **native.result(), **usage, "usage_mean": float(np.mean(usage["usage"])),
            "perplexity_mean": float(np.mean(usage["perplexity"])), "layout": lay.describe(),
            "data": to_dict(data), "split": cfg.split}
     if ext is not None:

@@ -228,7 +228,8 @@ def test_grad_magnitude_reset_moves_unused_code_next_to_most_loaded():
 
 
 def test_revival_reinitialises_dead_codes_from_batch_features():
-    q, D, L = make("multigroup", l2_norm=False, nested_mask=False, revive_every=2)
+    # revive_noise=0: the unperturbed path, so each revived code equals a feature exactly
+    q, D, L = make("multigroup", l2_norm=False, nested_mask=False, revive_every=2, revive_noise=0.0)
     with torch.no_grad():
         q.books.embed[:, 8:] = 100.0  # far away: never chosen
     q.train()

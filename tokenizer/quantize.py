@@ -11,8 +11,10 @@
 * Trainer hooks, called once per optimizer step: ``q.after_backward()`` right after ``backward()``
   (before ``zero_grad``; accumulates |grad| per code for grad-magnitude resets) and
   ``q.step_end(step)`` after ``optimizer.step()`` with the 1-based global step (dead-code revival
-  every ``revive_every`` steps, grad-magnitude resets every ``reset_every`` steps). Both return
-  quickly when their feature is off; ``step_end`` returns a dict of counts for logging.
+  every ``revive_every`` steps, grad-magnitude resets every ``reset_every`` steps, soft revival every
+  step, and the switch from nested masking to the unmasked fine-tune after ``mask_until_step``
+  steps; the maintenance itself lives in ``quantize_revival.py``). Both return quickly when their
+  feature is off; ``step_end`` returns a dict of counts for logging.
 
 Kinds ``vq``, ``multigroup`` and ``pertoken`` are one class: ``P`` codebooks ``[P,K,d]`` searched
 with one batched matmul. For ``multigroup`` a slot is a group (D split into G sub-vectors, MGVQ /
@@ -28,7 +30,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tokenizer import nearest_cpu
 from tokenizer.code_usage import UsageTracker
+from tokenizer.quantize_revival import grad_reset, revive_dead, soft_revive
 
 KINDS = ("vq", "multigroup", "pertoken", "residual", "fsq", "lfq")
 _CODEBOOK_KINDS = ("vq", "multigroup", "pertoken", "residual")
@@ -52,12 +56,18 @@ class QuantizerConfig:
     entropy_diversity: float = 1.0   # weight of the codebook-average entropy inside that loss
     nested_mask: bool = False        # MGVQ: keep the first k groups per batch (training only)
     nested_keep_probs: list[float] = field(default_factory=list)  # P(keep k=1..G); [] = default
+    mask_until_step: int = 0         # MGVQ's two stages: masking for steps <= this, then off (0 = always)
     revive_every: int = 0            # steps between dead-code revivals (0 = off)
     revive_threshold: float = 1.0    # a code used fewer times than this in the window is dead
+    revive_noise: float = 0.01       # revived code = distinct batch feature + N(0, (this * its rms)^2)
+    revive_pool: int = 0             # features kept per slot to revive from (0 = the last batch only)
+    soft_revive: bool = False        # MGVQ release: usage EMA, rare codes pulled to batch features each step
+    soft_revive_decay: float = 0.99
     num_tokens: int = 0              # pertoken: C (= L)
     learned_offset: bool | None = None  # per-slot offset added after lookup; None = pertoken only
     reset_every: int = 0             # pertoken-style grad-magnitude resets (0 = off)
     reset_noise: float = 1e-4        # moved code = loaded code + U(-1,1) * reset_noise
+    reset_rule: str = "once"         # once (QG-VAE: live codes at most double a reset) | proportional
     ordered_dropout_p: float = 0.0   # pertoken: per sample, zero tokens from a random k onward
     residual_shared: bool = False    # residual: one codebook for all depths
     levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
@@ -91,15 +101,23 @@ class QuantizerConfig:
         if self.kind in ("pertoken", "fsq", "lfq") and self.groups != 1:
             where = {"pertoken": "num_tokens", "fsq": "fsq_groups", "lfq": "lfq_split"}[self.kind]
             bad(f"groups must stay 1 for this kind (set {where} instead), got {self.groups}")
-        for name in ("beta", "codebook_weight", "entropy_weight", "init_scale", "reset_noise"):
+        for name in ("beta", "codebook_weight", "entropy_weight", "init_scale", "reset_noise", "revive_noise"):
             if getattr(self, name) < 0:
                 bad(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.ema_decay < 1.0:
             bad(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         if self.entropy_temperature <= 0:
             bad(f"entropy_temperature must be > 0, got {self.entropy_temperature}")
-        if self.revive_every < 0 or self.reset_every < 0:
-            bad("revive_every and reset_every must be >= 0")
+        if self.revive_every < 0 or self.reset_every < 0 or self.revive_pool < 0:
+            bad("revive_every, reset_every and revive_pool must be >= 0")
+        if self.mask_until_step < 0 or (self.mask_until_step and not self.nested_mask):
+            bad(f"mask_until_step must be >= 0 and needs nested_mask=true, got {self.mask_until_step}")
+        if self.reset_rule not in ("once", "proportional"):
+            bad(f"reset_rule must be 'once' or 'proportional', got {self.reset_rule!r}")
+        if self.soft_revive and (self.ema or self.kind not in _CODEBOOK_KINDS):
+            bad("soft_revive needs a gradient-trained codebook (not ema, fsq or lfq)")
+        if not 0.0 < self.soft_revive_decay < 1.0:
+            bad(f"soft_revive_decay must be in (0, 1), got {self.soft_revive_decay}")
         if self.nested_mask and self.kind not in ("vq", "multigroup"):
             bad("nested_mask applies to kinds 'vq'/'multigroup' only")
         if self.nested_keep_probs:
@@ -170,13 +188,6 @@ def entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sample, codebook
 
 
-def _broadcast(*tensors: torch.Tensor) -> None:
-    """Keep codebooks identical across data-parallel ranks after a stochastic edit (rank 0 wins)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.broadcast(t.data, src=0)
-
-
 class Quantizer(nn.Module):
     """Base class: see the module docstring for the contract."""
 
@@ -242,7 +253,10 @@ class Codebooks(nn.Module):
         if cfg.reset_every:
             self.register_buffer("grad_acc", torch.zeros(P, K))
             self.register_buffer("round_usage", torch.zeros(P, K))
-        self._recent: list[torch.Tensor | None] = [None] * P  # last batch's features per slot
+        if cfg.soft_revive:  # the EMA is state (saved for an exact resume); the step's counts are not
+            self.register_buffer("usage_ema", torch.zeros(P, K))
+            self.register_buffer("step_counts", torch.zeros(P, K), persistent=False)
+        self._recent: list[torch.Tensor | None] = [None] * P  # revival pool per slot (newest first)
 
     def codebook(self) -> torch.Tensor:
         """The effective fp32 codebook ``[P, K, d]`` (normalised under ``l2_norm``)."""
@@ -258,12 +272,23 @@ class Codebooks(nn.Module):
     @torch.no_grad()
     def nearest(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """argmin over codes for ``x [p, N, d]`` against ``e [p, K, d]``, chunked over N so the
-        distance block stays small (about 2^23 floats)."""
+        distance block stays in cache (2^20 floats, 4 MiB: at 2^23 each block went to memory and the
+        search took 5x longer at K 16384, BENCHMARKS.md "tokenizer_speed"). For K >= 2048 on the CPU
+        the fused kernel of ``nearest_cpu`` runs instead (no distance block at all)."""
+        # large K on the CPU: the fused kernel, if it builds (it is built on the first such call)
+        if nearest_cpu.applies(x, e) and (idx := nearest_cpu.nearest(x, e)) is not None:
+            return idx
         p, N, _ = x.shape
-        rows = max(1, (1 << 23) // max(1, p * e.shape[1]))
+        rows = max(1, (1 << 20) // max(1, p * e.shape[1]))
         e2, et = (e * e).sum(-1)[:, None, :], e.transpose(1, 2)
-        # |x|^2 is constant per row, so argmin needs only |e|^2 - 2 x.e (one pass fewer over [N, K])
-        out = [torch.baddbmm(e2, x[:, i:i + rows], et, alpha=-2.0).argmin(-1) for i in range(0, N, rows)]
+        # |x|^2 is constant per row, so argmin needs only |e|^2 - 2 x.e (one pass fewer over [N, K]).
+        # One block buffer for every chunk: a fresh 4 MiB tensor per chunk is fresh pages (page faults).
+        buf = x.new_empty(p * min(rows, N) * e.shape[1])
+        out = []
+        for i in range(0, N, rows):
+            xi = x[:, i:i + rows]
+            blk = buf[:xi.shape[1] * p * e.shape[1]].view(p, xi.shape[1], e.shape[1])
+            out.append(nearest_cpu.argmin_last(torch.baddbmm(e2, xi, et, alpha=-2.0, out=blk)))
         return torch.cat(out, dim=1) if out else x.new_zeros(p, 0, dtype=torch.long)
 
     @staticmethod
@@ -283,9 +308,14 @@ class Codebooks(nn.Module):
             self.window_usage[sl] += counts
         if self.cfg.reset_every:
             self.round_usage[sl] += counts
-        if recent:
+        if self.cfg.soft_revive:
+            self.step_counts[sl] += counts
+        if recent:  # the revival pool: the newest `revive_pool` features (at least the last batch)
             for i in range(p):
-                self._recent[first + i] = x[i]
+                old = self._recent[first + i]
+                keep = self.cfg.revive_pool - x.shape[1]
+                self._recent[first + i] = (torch.cat([x[i], old[:keep]]) if keep > 0 and old is not None
+                                           else x[i])
         if self.cfg.ema:
             sums = torch.zeros(p, self.K, self.d, device=x.device).scatter_add_(
                 1, idx[..., None].expand(-1, -1, self.d), x.float())
@@ -304,51 +334,18 @@ class Codebooks(nn.Module):
         if self.cfg.reset_every and self.embed.grad is not None:
             self.grad_acc += self.embed.grad.detach().float().abs().sum(-1)
 
-    @torch.no_grad()
     def revive(self) -> int:
-        """Re-initialise codes used fewer than ``revive_threshold`` times since the last revival
-        from random features of the same slot's last batch. Returns how many codes moved."""
-        moved = 0
-        for s in range(self.P):
-            feats = self._recent[s]
-            dead = (self.window_usage[s] < self.cfg.revive_threshold).nonzero().squeeze(1)
-            if feats is None or feats.shape[0] == 0 or dead.numel() == 0:
-                continue
-            n = feats.shape[0]
-            pick = (torch.randperm(n, device=feats.device)[:dead.numel()] if n >= dead.numel()
-                    else torch.randint(n, (dead.numel(),), device=feats.device))
-            new = feats[pick].to(self.embed.dtype)
-            self.embed.data[s, dead] = new
-            if self.cfg.ema:
-                self.ema_sum[s, dead] = new.float()
-                self.ema_count[s, dead] = 1.0
-            moved += dead.numel()
-        self.window_usage.zero_()
-        _broadcast(*([self.embed] + ([self.ema_sum, self.ema_count] if self.cfg.ema else [])))
-        return moved
+        """Dead-code revival (``quantize_revival.revive_dead``)."""
+        return revive_dead(self)
 
-    @torch.no_grad()
     def grad_reset(self) -> int:
-        """QG-VAE reset: per slot, move each code unused in this round onto a loaded code (largest
-        accumulated |grad| first, each loaded code used at most once) plus U(-1,1)*reset_noise."""
-        moved = 0
-        for s in range(self.P):
-            unused = (self.round_usage[s] == 0).nonzero().squeeze(1)
-            used = (self.round_usage[s] > 0).nonzero().squeeze(1)
-            m = min(unused.numel(), used.numel())
-            if m == 0:
-                continue
-            loaded = used[self.grad_acc[s, used].argsort(descending=True)[:m]]
-            noise = (torch.rand(m, self.d, device=self.embed.device) * 2 - 1) * self.cfg.reset_noise
-            self.embed.data[s, unused[:m]] = self.embed.data[s, loaded] + noise.to(self.embed.dtype)
-            moved += m
-        self.grad_acc.zero_()
-        self.round_usage.zero_()
-        _broadcast(self.embed)
-        return moved
+        """QG-VAE reset (``quantize_revival.grad_reset``)."""
+        return grad_reset(self)
 
     def step_end(self, step: int) -> dict:
         out = {}
+        if self.cfg.soft_revive and step > 0:
+            out["soft_revived"] = soft_revive(self)
         if self.cfg.revive_every and step > 0 and step % self.cfg.revive_every == 0:
             out["revived"] = self.revive()
         if self.cfg.reset_every and step > 0 and step % self.cfg.reset_every == 0:
@@ -376,6 +373,8 @@ class VectorQuantizer(Quantizer):
         self.offset = nn.Parameter(torch.zeros(self.P, self.d)) if use_offset else None
         self.tracker = UsageTracker([K] * self.P, [0] * self.P if self.per_position_codebook else None)
         self.last_keep = self.G  # groups kept by the last forward (nested masking)
+        if cfg.mask_until_step:  # optimizer steps done, saved so a resumed run keeps its stage
+            self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     def layout_K(self) -> tuple[int, ...]:
         return (self.cfg.codebook_size,) * self.G
@@ -400,6 +399,11 @@ class VectorQuantizer(Quantizer):
             q = torch.where(mask, q, torch.zeros((), device=q.device))
         return q
 
+    def masking_on(self) -> bool:
+        """Stage 1 (nested masking) while fewer than ``mask_until_step`` steps are done; stage 2 (the
+        unmasked fine-tune of MGVQ's release) after. Always on when ``mask_until_step`` is 0."""
+        return not self.cfg.mask_until_step or int(self.steps_done) < self.cfg.mask_until_step
+
     def _draw_keep(self, device) -> int:
         """One draw per batch; under data parallelism rank 0's draw is used by every rank so the
         EMA all-reduce sees the same groups everywhere."""
@@ -416,7 +420,7 @@ class VectorQuantizer(Quantizer):
         cfg = self.cfg
         if keep_groups is not None:
             keep = keep_groups
-        elif self.training and cfg.nested_mask:
+        elif self.training and cfg.nested_mask and self.masking_on():
             keep = self._draw_keep(z.device)
         else:
             keep = self.P
@@ -476,4 +480,6 @@ class VectorQuantizer(Quantizer):
         self.books.after_backward()
 
     def step_end(self, step: int) -> dict:
+        if self.cfg.mask_until_step:
+            self.steps_done.fill_(step)
         return self.books.step_end(step)

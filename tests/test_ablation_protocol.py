@@ -1,0 +1,82 @@
+"""Issue 23: the tokenizer-study protocol (>= 3 seeds, t intervals, convergence-driven steps with a
+cap, per-row results.json, seed-by-seed resume), at a tiny size."""
+import json
+import math
+
+import pytest
+
+from bench import tokenizer_ablation as ab
+
+TINY = ["--study", "tokenizer_ablation", "--rows", "c_vq_g1_k1024", "--seeds", "0,1,2", "--min-steps", "5",
+        "--max-steps", "10", "--eval-every", "1", "--eval-batches", "1", "--eval-images", "16", "--batch", "8",
+        "--set", "data.limit=64", "--set", "quantizer.revive_every=0"]
+
+
+def test_ci95_is_the_student_t_half_width():
+    assert math.isclose(ab.ci95([1.0, 2.0, 3.0]), 4.302652729930 / math.sqrt(3), rel_tol=1e-9)  # t(0.975, 2)
+    xs = [20.1, 20.5, 19.9, 20.3]
+    s = math.sqrt(sum((x - sum(xs) / 4) ** 2 for x in xs) / 3)
+    assert math.isclose(ab.ci95(xs), 3.182446305284 * s / 2, rel_tol=1e-9)                     # t(0.975, 3)
+    assert ab.ci95([20.0]) is None
+
+
+def test_convergence_window_and_growth():
+    curve = [(s, p) for s, p in zip(range(100, 1001, 100), [10, 12, 13, 14, 14.5, 14.8, 15, 15.1, 15.15, 15.2])]
+    c = ab.convergence(curve, 1000, 0.2)       # eval at 800 (15.1) -> 1000 (15.2): +0.1 dB
+    assert c["converged"] and math.isclose(c["gain_last_fifth_db"], 0.1, abs_tol=1e-9)
+    assert not ab.convergence(curve[:5], 500, 0.2)["converged"]   # 400 -> 500: +0.5 dB
+    a = type("A", (), {"eval_every": 100, "grow": 1.5, "max_steps": 2500})()
+    assert [ab.next_target(s, a) for s in (1000, 1500, 2000)] == [1500, 2500, 2500]
+
+
+def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, monkeypatch):
+    args = TINY + ["--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]
+    R = ab.main(args)
+    data = json.loads((tmp_path / "res" / "tokenizer_ablation" / "results.json").read_text())
+    assert data["protocol"]["seeds"] == [0, 1, 2] and data["protocol"]["threads"] == 1
+    (row,) = data["rows"]
+    for k in ("row", "seeds", "steps", "converged", "bits_per_image", "psnr_native_mean", "psnr_native_ci95",
+              "usage_mean", "curves"):
+        assert k in row
+    assert row["row"] == "c_vq_g1_k1024" and row["seeds"] == [0, 1, 2] and not row["partial"]
+    assert row["bits_per_image"] == 64 * 10
+    for seed, steps in zip(row["seeds"], row["steps"]):
+        curve = row["curves"][str(seed)]
+        assert steps in (5, 10) and curve[-1][0] == steps and len(curve) == steps   # an eval every step
+        conv = ab.convergence([tuple(p) for p in curve], steps, 0.2)["converged"]
+        assert row["converged_per_seed"][seed] == conv and (conv or steps == 10)    # grown to the cap if not
+    assert row["converged"] == all(row["converged_per_seed"])
+    vals = [s["psnr_native_per_image"] for s in row["per_seed"]]
+    assert math.isclose(row["psnr_native_mean"], sum(vals) / 3, rel_tol=1e-12)
+    assert math.isclose(row["psnr_native_ci95"], ab.ci95(vals), rel_tol=1e-12)
+    assert row["native_basis"].startswith("28x28")
+    assert all(0 < s["usage"] <= 1 for s in row["per_seed"])
+    assert (tmp_path / "res" / "tokenizer_ablation" / "table.md").read_text().count("VQ G1×1024") == 1
+
+    # a rerun trains nothing (every seed reused); losing one seed's record retrains exactly that seed
+    calls = []
+    real_train = ab.train
+    monkeypatch.setattr(ab, "train", lambda cfg, out: calls.append(cfg.train.seed) or real_train(cfg, out))
+    assert ab.main(args)["rows"][0]["per_seed"] == R["rows"][0]["per_seed"]
+    assert calls == []
+    (tmp_path / "work" / "c_vq_g1_k1024" / "seed1" / "seed.json").unlink()
+    partial = ab.collect("tokenizer_ablation", _ns(args), tmp_path / "work", tmp_path / "res" / "tokenizer_ablation")
+    assert partial["rows"][0]["partial"] and not partial["rows"][0]["converged"]
+    assert partial["rows"][0]["seeds"] == [0, 2]
+    (run,) = partial["rows"][0]["in_progress"]          # the unfinished seed is listed with its curve
+    assert run["seed"] == 1 and [list(p) for p in run["curve"]] == R["rows"][0]["curves"]["1"]
+    ab.main(args)
+    assert set(calls) == {1}
+
+
+def _ns(args):
+    import argparse
+    a = argparse.Namespace(min_steps=5, max_steps=10, grow=1.5, eval_every=1, eval_batches=1, eval_images=16,
+                           conv_db=0.2, batch=8, seeds=[0, 1, 2], threads=1,
+                           set=["data.limit=64", "quantizer.revive_every=0"])
+    return a
+
+
+def test_protocol_refuses_fewer_than_three_seeds(tmp_path):
+    with pytest.raises(SystemExit, match=">= 3"):
+        ab.main(TINY[:4] + ["--seeds", "0,1"] + ["--out", str(tmp_path)])

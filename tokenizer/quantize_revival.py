@@ -1,0 +1,123 @@
+"""Codebook maintenance for ``tokenizer.quantize.Codebooks``: dead-code revival, the MGVQ release's
+soft revival and QG-VAE's grad-magnitude resets. Each function edits ``books.embed`` in place (no
+autograd), keeps data-parallel ranks identical (rank 0's result is broadcast) and returns how many
+codes it moved.
+
+* ``revive_dead``: every ``revive_every`` steps, codes used fewer than ``revive_threshold`` times in
+  the window take *distinct* features of the slot's last batch (or of its last ``revive_pool``
+  features: a per-token QG-VAE codebook sees one vector per image, 32 a batch for 512 codes), drawn
+  without replacement, plus a small relative perturbation (``revive_noise``). Drawing with replacement, or from features that are
+  equal (Fashion-MNIST's blank border encodes to many identical latents), gives revived codes that
+  tie in the argmin: only the first of a tie is ever chosen, the others stay dead.
+* ``soft_revive``: every step, a usage EMA per code; each code is pulled toward a random batch feature
+  with weight ``exp(-u K 10 / (1 - decay) - 1e-3)`` (u its EMA usage fraction): about 1 for a code
+  never used, vanishing for a code used at the average rate 1/K (CVQ-VAE's online clustering rule,
+  the "rarely used codes pulled toward batch features each step" of MGVQ's release).
+* ``grad_reset``: QG-VAE's reset. ``reset_rule: once`` is the release's rule (each loaded code split
+  at most once per round, so live codes at most double per reset); ``proportional`` fills every
+  unused code, splitting each loaded code in proportion to its accumulated |grad| (its load).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _broadcast(*tensors: torch.Tensor) -> None:
+    """Keep codebooks identical across data-parallel ranks after a stochastic edit (rank 0 wins)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t.data, src=0)
+
+
+def perturb(x: torch.Tensor, rel: float) -> torch.Tensor:
+    """``x + N(0, (rel * rms(x_row))^2)`` per element: distinct copies of equal rows, scaled to the
+    features so the nudge is small against their spread (unit rows under ``l2_norm``: ~rel/sqrt(d))."""
+    if rel <= 0:
+        return x
+    rms = x.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+    return x + torch.randn_like(x, dtype=torch.float32).to(x.dtype) * (rel * rms).to(x.dtype)
+
+
+@torch.no_grad()
+def revive_dead(books) -> int:
+    cfg = books.cfg
+    moved = 0
+    for s in range(books.P):
+        feats = books._recent[s]
+        dead = (books.window_usage[s] < cfg.revive_threshold).nonzero().squeeze(1)
+        if feats is None or feats.shape[0] == 0 or dead.numel() == 0:
+            continue
+        cand = torch.unique(feats, dim=0)                       # distinct features only
+        m = min(cand.shape[0], dead.numel())                    # more dead than features: the rest wait
+        pick = cand[torch.randperm(cand.shape[0], device=cand.device)[:m]]
+        target = dead[torch.randperm(dead.numel(), device=dead.device)[:m]]
+        new = perturb(pick, cfg.revive_noise).to(books.embed.dtype)
+        books.embed.data[s, target] = new
+        if cfg.ema:
+            books.ema_sum[s, target] = new.float()
+            books.ema_count[s, target] = 1.0
+        moved += m
+    books.window_usage.zero_()
+    _broadcast(*([books.embed] + ([books.ema_sum, books.ema_count] if cfg.ema else [])))
+    return moved
+
+
+@torch.no_grad()
+def soft_revive(books) -> int:
+    """One step of soft revival from ``books.step_counts`` (codes hit since the last call) and the
+    last batch's features. Returns how many codes were pulled with weight > 0.5."""
+    cfg = books.cfg
+    a = 1.0 - cfg.soft_revive_decay
+    n = books.step_counts.sum(-1, keepdim=True)
+    seen = n[:, 0] > 0   # slots this step saw (a group masked by nested masking did not): only they move
+    ema = books.usage_ema * (1 - a) + a * books.step_counts / n.clamp_min(1)
+    books.usage_ema.copy_(torch.where(seen[:, None], ema, books.usage_ema))
+    books.step_counts.zero_()
+    w = torch.exp(-books.usage_ema * books.K * 10.0 / a - 1e-3)         # [P, K]
+    pulled = 0
+    for s in range(books.P):
+        feats = books._recent[s]
+        if not seen[s] or feats is None or feats.shape[0] == 0:
+            continue
+        N = feats.shape[0]
+        # one anchor per code: a random permutation of the batch, repeated when K > N; perturbed so
+        # codes anchored on one feature (or on equal features) do not tie
+        order = torch.cat([torch.randperm(N, device=feats.device) for _ in range(-(-books.K // N))])[:books.K]
+        anchor = perturb(feats[order].float(), cfg.revive_noise)
+        ws = w[s, :, None]
+        books.embed.data[s] = (books.embed.data[s].float() * (1 - ws) + anchor * ws).to(books.embed.dtype)
+        pulled += int((w[s] > 0.5).sum())
+    _broadcast(books.embed)
+    return pulled
+
+
+@torch.no_grad()
+def grad_reset(books) -> int:
+    cfg = books.cfg
+    moved = 0
+    for s in range(books.P):
+        unused = (books.round_usage[s] == 0).nonzero().squeeze(1)
+        used = (books.round_usage[s] > 0).nonzero().squeeze(1)
+        if unused.numel() == 0 or used.numel() == 0:
+            continue
+        if cfg.reset_rule == "once":
+            m = min(unused.numel(), used.numel())
+            loaded = used[books.grad_acc[s, used].argsort(descending=True)[:m]]
+        else:
+            m = unused.numel()
+            load = books.grad_acc[s, used].double()
+            if float(load.sum()) <= 0:  # no gradient seen (e.g. frozen codebook): split by usage instead
+                load = books.round_usage[s, used].double()
+            share = load / load.sum() * m
+            n = share.floor().long()
+            rest = m - int(n.sum())        # largest remainders get the leftover copies
+            n[(share - n).argsort(descending=True)[:rest]] += 1
+            loaded = used.repeat_interleave(n)
+        noise = (torch.rand(m, books.d, device=books.embed.device) * 2 - 1) * cfg.reset_noise
+        books.embed.data[s, unused[:m]] = books.embed.data[s, loaded] + noise.to(books.embed.dtype)
+        moved += m
+    books.grad_acc.zero_()
+    books.round_usage.zero_()
+    _broadcast(books.embed)
+    return moved
