@@ -15,7 +15,8 @@ Protocol, for every row of a study:
 * a row reports mean and a 95% interval over its seeds (Student t, n - 1 degrees of freedom;
   ``ci95`` is the half-width) and every seed's curve.
 
-Resumable seed by seed: ``WORK/<row>/seed<k>/seed.json`` holds a finished seed (reused while the
+Resumable seed by seed: ``WORK/<row>/seed<k>/seed.json`` and its copy ``OUT/<study>/seeds/<row>/seed<k>.json``
+(committed with the results, so a fresh checkout reuses it) hold a finished seed (reused while the
 protocol settings match, ``--fresh`` retrains), ``progress.json`` the current step target, and
 ``tokenizer.train`` resumes an interrupted seed from its checkpoint. ``OUT/<study>/results.json``
 (one object per row: ``row``, ``seeds``, ``steps``, ``converged``, ``partial``, ``bits_per_image``,
@@ -117,20 +118,28 @@ def protocol(a) -> dict:
                                        "eval_images", "conv_db", "batch")}
 
 
-def run_seed(row, seed: int, a, work: Path) -> dict | None:
+def kept_seed(results: Path, rid: str, seed: int) -> Path:
+    """Where a finished seed's record is kept beside the results (committed with them, so a later
+    session on a fresh checkout reuses it instead of training the seed again)."""
+    return results / "seeds" / rid / f"seed{seed}.json"
+
+
+def run_seed(row, seed: int, a, work: Path, results: Path) -> dict | None:
     """Train (resuming) and evaluate one seed; None when training was interrupted (partial)."""
     rid, _fam, label, preset, overrides = row
     out = work / rid / f"seed{seed}"
+    kept = kept_seed(results, rid, seed)
     cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml",
                       overrides + shared_overrides(a, seed, a.min_steps))
     key = json.loads(json.dumps({"config": {**to_dict(cfg), "train": {**to_dict(cfg.train), "steps": None}},
                                  "protocol": protocol(a)}, default=str))
     cache, prog = out / "seed.json", out / "progress.json"
-    if cache.exists() and not a.fresh:
-        old = json.loads(cache.read_text())
-        if old.get("key") == key:
-            print(f"[{rid} seed {seed}] reusing {cache}", flush=True)
-            return old
+    for f in (cache, kept):
+        if f.exists() and not a.fresh:
+            old = json.loads(f.read_text())
+            if old.get("key") == key:
+                print(f"[{rid} seed {seed}] reusing {f}", flush=True)
+                return old
     if a.fresh and out.exists():
         import shutil
         shutil.rmtree(out)
@@ -168,6 +177,8 @@ def run_seed(row, seed: int, a, work: Path) -> dict | None:
            "usage": ev["usage_mean"], "perplexity": ev["perplexity_mean"],
            "usage_per_group": ev["usage"][:G], "key": key}
     cache.write_text(json.dumps(rec, indent=1, default=str))
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(cache.read_text())
     return json.loads(cache.read_text())
 
 
@@ -217,7 +228,7 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
         rows = []
         for row in STUDIES[study]:
             recs = []
-            for p in sorted((work / row[0]).glob("seed*/seed.json")):
+            for p in sorted((out / "seeds" / row[0]).glob("seed*.json")):   # finished seeds, kept
                 r = json.loads(p.read_text())
                 if r.get("key", {}).get("protocol") == json.loads(json.dumps(protocol(a))):
                     recs.append(r)
@@ -298,7 +309,7 @@ def main(argv=None) -> dict:
     summary = {}
     for r in rows:
         for seed in a.seeds:
-            rec = run_seed(r, seed, a, work)
+            rec = run_seed(r, seed, a, work, out)
             summary = collect(a.study, a, work, out)
             if rec is None:
                 print(f"[{r[0]} seed {seed}] interrupted; rerun to resume", flush=True)

@@ -59,7 +59,15 @@ def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, 
     monkeypatch.setattr(ab, "train", lambda cfg, out: calls.append(cfg.train.seed) or real_train(cfg, out))
     assert ab.main(args)["rows"][0]["per_seed"] == R["rows"][0]["per_seed"]
     assert calls == []
+    # a fresh checkout (no run folders) reuses the finished seeds kept beside the results
+    import shutil
+    shutil.copytree(tmp_path / "work", tmp_path / "work_saved")
+    shutil.rmtree(tmp_path / "work")
+    assert ab.main(args)["rows"][0]["per_seed"] == R["rows"][0]["per_seed"] and calls == []
+    shutil.rmtree(tmp_path / "work")
+    shutil.copytree(tmp_path / "work_saved", tmp_path / "work")
     (tmp_path / "work" / "c_vq_g1_k1024" / "seed1" / "seed.json").unlink()
+    (tmp_path / "res" / "tokenizer_ablation" / "seeds" / "c_vq_g1_k1024" / "seed1.json").unlink()
     partial = ab.collect("tokenizer_ablation", _ns(args), tmp_path / "work", tmp_path / "res" / "tokenizer_ablation")
     assert partial["rows"][0]["partial"] and not partial["rows"][0]["converged"]
     assert partial["rows"][0]["seeds"] == [0, 2]
