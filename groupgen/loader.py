@@ -8,13 +8,14 @@ are sliced in the main process, where a worker would only add a copy.
 """
 from __future__ import annotations
 
-import os
 import random
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .runs import cores_per_rank
 
 
 def _seed_batch(seed: int, key: int) -> None:
@@ -57,8 +58,7 @@ def image_batches(ds, batches: Sequence[Sequence[int]], *, workers: int = 0, see
         return
     work = _Batches(ds, batches, seed, first)
     # no more decoding processes than this rank's share of the node's cores (a 2-core box gets 1)
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    workers = min(workers, max(1, (os.cpu_count() or 1) // ranks_here - 1)) if workers > 0 else 0
+    workers = min(workers, max(1, cores_per_rank() - 1)) if workers > 0 else 0
     if workers <= 0:
         state = _save_rng()
         try:

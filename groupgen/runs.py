@@ -17,12 +17,16 @@ import torch
 from .checkpoint import atomic_write_text
 
 
+def cores_per_rank() -> int:
+    """This node's cores shared among the launcher's ranks on it (LOCAL_WORLD_SIZE; 1 rank without one)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def set_threads(n: int | None = None) -> int:
     """Pin intra-op threads (a 2-core box with a busy neighbour swings 100x otherwise). Unset, it is
     OMP_NUM_THREADS, else this node's cores shared among the launcher's ranks on it (the deepspeed
     launcher leaves OMP_NUM_THREADS unset: eight ranks each taking every core would thrash)."""
-    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    n = n or int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // ranks_here)
+    n = n or int(os.environ.get("OMP_NUM_THREADS", "0")) or cores_per_rank()
     torch.set_num_threads(n)
     return n
 
