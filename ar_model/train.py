@@ -50,7 +50,8 @@ from groupgen.cli import user_errors
 from groupgen.config import ConfigError, load_config, save_config, to_dict
 from groupgen.diskspace import disk_full_guard
 from groupgen.runlock import hold_run_folder
-from groupgen.runs import MetricsLog, StopSignals, Timer, progress, read_jsonl, seed_everything, set_threads
+from groupgen.runs import (MetricsLog, StopSignals, Timer, lr_multiplier, progress, read_jsonl, seed_everything,
+                           set_threads)
 from groupgen.tokens import TokenStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,14 +140,7 @@ def resolve_gpt_config(sec) -> GPTConfig:
 
 def lr_lambda(tc: TrainSection) -> Callable[[int], float]:
     """Multiplier of ``lr`` for optimizer step ``s`` (0-based): linear warmup, then constant/cosine."""
-    def f(s: int) -> float:
-        if s < tc.warmup_steps:
-            return (s + 1) / tc.warmup_steps
-        if tc.schedule == "constant":
-            return 1.0
-        t = min(1.0, (s - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps))
-        return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
+    return lambda s: lr_multiplier(s, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
 
 
 # ------------------------------------------------------------------------------ distributed

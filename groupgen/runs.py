@@ -144,3 +144,18 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def lr_multiplier(step: int, steps: int, warmup_steps: int = 0, schedule: str = "constant",
+                  min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based) of ``steps``: linear
+    warmup, then constant or a cosine from 1 down to ``min_lr_ratio`` at the last step. A pure function
+    of the step, so a resumed run follows the same schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    t = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))

@@ -60,6 +60,8 @@ class EvalSection:
 class MainConfig:
     out: str = "runs/fmnist"
     threads: int = 2
+    seed: int = 0               # the whole job's seed: the tokenizer's and the prior's train.seed, the sampler's
+    #   seed (a stage preset's own seed is replaced; seed 0 leaves the presets' default of 0 as it is)
     tokenizer: StageRef = field(default_factory=StageRef)
     encode: EncodeSection = field(default_factory=EncodeSection)
     ar: StageRef = field(default_factory=StageRef)
@@ -143,20 +145,27 @@ class Pipeline:
         _log(f"stage {name}: done in {self.timings[name]:.0f}s")
         return d, result, h
 
-    def run(self) -> dict:
+    def stage_configs(self):
+        """The tokenizer, AR and sampling configs: each stage's preset + overrides, seeded by the job's seed."""
         from ar_model.train import ARTrainConfig
+        from sampling.sample import SamplingConfig
+        from tokenizer.train import TokenizerTrainConfig
+
+        c = self.cfg
+        return (load_config(TokenizerTrainConfig, c.tokenizer.config or None,
+                            c.tokenizer.overrides + [f"train.seed={c.seed}"]),
+                load_config(ARTrainConfig, c.ar.config or None, c.ar.overrides + [f"train.seed={c.seed}"]),
+                load_config(SamplingConfig, c.sampling.config or None, c.sampling.overrides + [f"seed={c.seed}"]))
+
+    def run(self) -> dict:
         from ar_model.train import train as train_ar
         from eval.generation import GenEvalConfig, evaluate_samples, fid_floor
-        from sampling.sample import SamplingConfig
         from sampling.sample import sample as run_sampling
-        from tokenizer.train import TokenizerTrainConfig
         from tokenizer.train import train as train_tok
 
         c = self.cfg
         t_all = time.perf_counter()
-        tok_cfg = load_config(TokenizerTrainConfig, c.tokenizer.config or None, c.tokenizer.overrides)
-        ar_cfg = load_config(ARTrainConfig, c.ar.config or None, c.ar.overrides)
-        s_cfg = load_config(SamplingConfig, c.sampling.config or None, c.sampling.overrides)
+        tok_cfg, ar_cfg, s_cfg = self.stage_configs()
         e_cfg = self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={c.eval.extractor}"] + c.eval.overrides)
         run_lock = hold_run_folder(self.out, "groupgen.main")   # one job per out= (held until run returns)
         save_config(c, self.out / "config.yaml")

@@ -222,3 +222,25 @@ def test_report_puts_each_number_next_to_its_floor(tmp_path):
     assert "0.810" in acc and "0.900" in acc and "**0.900**" in acc
     assert "samples (N = 500)" in text and "(rvs.png)" in text and "(lc.png)" in text and "(recon.png)" in text
     assert ratios({"fid": 9.0}, None) == {}   # no floor (e.g. a folder reference): no ratio, not a wrong one
+
+
+def test_the_job_seed_seeds_every_stage_and_seed_0_keeps_the_presets(tmp_path, monkeypatch):
+    import dataclasses
+
+    from groupgen.config import config_hash, load_config
+    from pipeline.main import MainConfig, Pipeline
+
+    monkeypatch.chdir(REPO)   # the presets name their stage configs relative to the repo
+    cfg = load_config(MainConfig, "configs/main/fmnist.yaml", [f"out={tmp_path}", "seed=3"])
+    tok, ar, smp = Pipeline(cfg).stage_configs()
+    assert (tok.train.seed, ar.train.seed, smp.seed) == (3, 3, 3)
+    # seed 0 resolves to the presets' own seed: the stage hashes (and so the reused stages) do not move
+    tok0, ar0, smp0 = Pipeline(dataclasses.replace(cfg, seed=0)).stage_configs()
+    assert (tok0.train.seed, ar0.train.seed, smp0.seed) == (0, 0, 0)
+    from ar_model.train import ARTrainConfig
+    from tokenizer.train import TokenizerTrainConfig
+    plain = load_config(TokenizerTrainConfig, cfg.tokenizer.config, cfg.tokenizer.overrides)
+    assert config_hash(dataclasses.asdict(plain)) == config_hash(dataclasses.asdict(tok0))
+    plain_ar = load_config(ARTrainConfig, cfg.ar.config, cfg.ar.overrides)
+    assert config_hash(dataclasses.asdict(plain_ar)) == config_hash(dataclasses.asdict(ar0))
+    assert config_hash(dataclasses.asdict(plain)) != config_hash(dataclasses.asdict(tok))

@@ -1,4 +1,5 @@
 """Stage-1 tokenizer: nets, losses, trainer (exact resume, NaN stop), evaluator, encoder."""
+import math
 import os
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 torch.set_num_threads(1)
 os.environ.setdefault("GROUPGEN_QUIET", "1")
 
-from groupgen.checkpoint import latest_checkpoint, save_checkpoint  # noqa: E402
+from groupgen.checkpoint import latest_checkpoint, load_state, save_checkpoint  # noqa: E402
 from groupgen.config import ConfigError, load_config, to_dict  # noqa: E402
 from groupgen.data import DataConfig, build_dataset  # noqa: E402
 from groupgen.runs import read_jsonl  # noqa: E402
@@ -305,6 +306,27 @@ def test_trainer_exact_resume(tmp_path):
     assert tok.layout.G == 4 and not tok.training
     with pytest.raises(Exception, match="config differs"):
         train(train_cfg(8, batch_size=4), b)
+
+
+def test_cosine_schedule_sets_both_optimizers_each_step_and_resumes_exactly(tmp_path):
+    from groupgen.runs import lr_multiplier
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    train(train_cfg(6, **kw), a)
+    train(train_cfg(3, **kw), b)                # "interrupted" at step 3
+    train(train_cfg(6, **kw), b)
+    rows = read_jsonl(a / "metrics.jsonl")
+    # the lr logged at step s is the one step s's update used: warmup 0.5, 1.0, then a cosine to 0.1 at step 6
+    want = [1e-3 * lr_multiplier(s, 6, 2, "cosine", 0.1) for s in range(6)]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-12)
+    assert want[:2] == pytest.approx([5e-4, 1e-3]) and want[-1] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 4))))
+    assert _losses(a) == _losses(b)             # the schedule is a function of the step: a resume follows it
+    # the discriminator's optimizer follows the same multiplier (its state is saved with the last lr)
+    st = load_state(latest_checkpoint(a / "checkpoints"))
+    assert st["dopt"]["param_groups"][0]["lr"] == pytest.approx(want[-1])
+    with pytest.raises(ConfigError, match="train.schedule"):
+        train_cfg(6, schedule="linear").train.validate()
 
 
 def test_trainer_resume_refuses_changed_optimizer_settings(tmp_path):

@@ -28,7 +28,7 @@ from groupgen import distributed
 from groupgen.data import DataConfig, build_dataset, write_skipped
 from groupgen.loader import StepBatches, image_batches
 from groupgen.runlock import hold_run_folder
-from groupgen.runs import MetricsLog, StopSignals, autocast, progress, seed_everything, set_threads
+from groupgen.runs import MetricsLog, StopSignals, autocast, lr_multiplier, progress, seed_everything, set_threads
 
 from .losses import (LossConfig, PatchDiscriminator, adaptive_weight, build_lpips, gan_active, hinge_d_loss,
                      hinge_g_loss, recon_loss)
@@ -41,6 +41,9 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 64               # per process
     lr: float = 1e-4
+    schedule: str = "constant"          # constant | cosine (to lr * min_lr_ratio at the last step)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     disc_lr: float = 0.0               # 0 = lr
@@ -70,6 +73,11 @@ class TrainConfig:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.workers < 0:
             raise ConfigError(f"train.workers must be >= 0, got {self.workers}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.schedule must be constant or cosine, got {self.schedule!r}")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.warmup_steps must be >= 0 and train.min_lr_ratio in [0, 1], got "
+                              f"{self.warmup_steps} and {self.min_lr_ratio}")
 
 
 @dataclass
@@ -304,6 +312,10 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                     f"non-finite tokenizer loss at step {step + 1} (loss {float(total.detach())}, parts "
                     f"{ {k: float(v.detach()) for k, v in parts.items()} }); stopped without saving. Last good "
                     f"checkpoint: {good or 'none'}")
+            lr_mult = lr_multiplier(step, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
+            for o, base in ((opt, tc.lr), (dopt, tc.disc_lr or tc.lr)):
+                for g in (o.param_groups if o is not None else ()):
+                    g["lr"] = base * lr_mult
             opt.zero_grad(set_to_none=True)
             total.backward()
             q.after_backward()
@@ -333,6 +345,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                        **{k: float(v.detach()) for k, v in parts.items()},
                        **{f"q_{k}": float(v.detach()) for k, v in qlosses.items() if k != "vq"},
                        "psnr": psnr_from_mse(float(parts["l2"].detach())), "grad_norm": float(gnorm),
+                       "lr": tc.lr * lr_mult,
                        "step_time": t_window / n_window, "gan": bool(gan_on)}
                 row.update({f"q/{k}": float(v) for k, v in q.stats().items()})
                 row.update({f"q/{k}": float(v) for k, v in qinfo.items()})
