@@ -8,8 +8,8 @@ checkpoint, tokenizer and eval settings are read from there. Every number is sco
 job's samples: the domain extractor, the test-split reference, the job's N, next to the equal-N floor of
 the run's eval stage. Per variant:
 
-- ``--sampling "k=v ..."``: the job's sampling config with these overrides, sampled into
-  ``RUN/levers/<hash>/`` (reused when it exists), then scored: FID, FID / floor, class accuracy / the
+- ``--sampling "k=v ..."``: the job's sampling config with these overrides, sampled from the run's newest
+  finished prior into ``RUN/levers/<prior>/<hash>/`` (reused when it exists), then scored: FID, FID / floor, class accuracy / the
   classifier's.
 - ``--recon-bound``: the tokenizer's reconstructions of N real *train* images (the floor's draws, same
   seeds) scored the same way. A prior can at best sample its tokenizer's reconstructions, so this is the
@@ -72,18 +72,20 @@ def recon_bound(tok_dir: Path, cfg, e_cfg, floor: dict) -> dict:
             "class_acc_ratio": float(np.mean([r["class_acc_ratio"] for r in rows])), "draws": len(rows)}
 
 
-def sampling_variant(run: Path, cfg, e_cfg, floor: dict, overrides: list[str]) -> dict:
+def sampling_variant(run: Path, cfg, e_cfg, floor: dict, overrides: list[str], prior: str = "") -> dict:
     from sampling.sample import SamplingConfig, sample
 
-    s_cfg = load_config(SamplingConfig, cfg.sampling.config or None, cfg.sampling.overrides + overrides)
-    d = run / "levers" / config_hash(dataclasses.asdict(s_cfg))
+    s_cfg = load_config(SamplingConfig, cfg.sampling.config or None,
+                        cfg.sampling.overrides + [f"seed={cfg.seed}"] + overrides)   # as pipeline.main resolves it
+    ar_dir = run / prior if prior else _stage_dir(run, 3, "ar")   # default: the newest finished prior
+    d = run / "levers" / ar_dir.name / config_hash(dataclasses.asdict(s_cfg))
     t0 = time.perf_counter()
     if not (d / "samples.npz").is_file():
-        sample(s_cfg, _stage_dir(run, 3, "ar"), d)
+        sample(s_cfg, ar_dir, d)
     secs = time.perf_counter() - t0
     with np.load(d / "samples.npz") as z:
         images, labels = z["arr_0"], z["labels"]
-    return {"variant": " ".join(overrides) or "(job default)", "dir": str(d), "sample_seconds": round(secs, 1),
+    return {"variant": " ".join(overrides) or "(job default)", "prior": ar_dir.name, "dir": str(d), "sample_seconds": round(secs, 1),
             **_score(images, labels, cfg, floor, e_cfg)}
 
 
@@ -96,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--tokenizer", type=Path, help="--recon-bound of this tokenizer (a run dir or checkpoint) "
                     "instead of the run's; without --run, scored with configs/main/fmnist.yaml's eval settings")
     ap.add_argument("--sampling", action="append", default=[], help='"k=v k=v" sampling overrides')
+    ap.add_argument("--prior", default="", help="the run's AR stage folder to sample (default: the newest finished)")
     ap.add_argument("--recon-bound", action="store_true")
     ap.add_argument("--n", type=int, default=500, help="images per side without --run (the demo's N)")
     ap.add_argument("--json", type=Path)
@@ -114,7 +117,7 @@ def main(argv=None):
         floor = fid_floor(cfg.eval.ref, args.n, (32, 32), e_cfg, cfg.eval.floor_draws, cfg.eval.floor_seed)
     tok_dir = args.tokenizer or (_stage_dir(args.run, 1, "tokenizer") if args.run else None)
     jobs = [lambda: recon_bound(tok_dir, cfg, e_cfg, floor)] if args.recon_bound else []
-    jobs += [lambda o=o: sampling_variant(args.run, cfg, e_cfg, floor, o.split()) for o in args.sampling]
+    jobs += [lambda o=o: sampling_variant(args.run, cfg, e_cfg, floor, o.split(), args.prior) for o in args.sampling]
     for job in jobs:
         row = {"run": str(args.run), "floor": floor["fid_mean"], **job()}
         print(json.dumps(row), flush=True)

@@ -198,6 +198,17 @@ def test_main_job_tiny_budget(tmp_path):
     assert np.array_equal(np.load(out / "samples.npz")["arr_0"], d["arr_0"])  # same seed, same samples
     assert not list(out.glob(".old-*"))  # the replaced results go once the pipeline has finished
 
+    # bench/demo_levers.py scores a variant exactly like the job: the job's own sampling settings give the
+    # job's FID; the tokenizer's bound scores its reconstructions of the floor's draws (same N, same seeds)
+    levers = subprocess.run([sys.executable, "bench/demo_levers.py", "--run", str(out), "--threads", "1",
+                             "--recon-bound", "--sampling", ""], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, env=child_env(GROUPGEN_CACHE=str(out.parent / "cache")))
+    assert levers.returncode == 0, levers.stderr[-4000:]
+    bound, same = [json.loads(x) for x in levers.stdout.splitlines() if x.startswith("{")]
+    assert bound["variant"] == "recon_bound" and bound["draws"] == 5 and np.isfinite(bound["fid"])
+    assert same["variant"] == "(job default)" and same["n"] == 20
+    assert same["fid"] == pytest.approx(g["fid"], rel=1e-9) and same["fid_ratio"] == pytest.approx(m["fid_ratio"])
+
 
 def test_main_job_bad_override_names_key(tmp_path):
     r = _run(tmp_path / "run", "ar.overrides=[train.stepz=3]")
