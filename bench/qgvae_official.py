@@ -328,7 +328,7 @@ def settings(a) -> dict:
 def group_overrides(a, seed: int) -> list[str]:
     return [f"train.steps={a.steps}", f"train.batch_size={a.batch}", f"train.seed={seed}", f"train.threads={a.threads}",
             "train.eval_every=0", "train.log_every=10", "train.sample_every=0", "train.ckpt_every=500",
-            "train.keep_last=1", "train.device=cpu"]
+            "train.keep_last=3", "train.device=cpu"]
 
 
 def score(ev: dict) -> dict:
@@ -420,20 +420,22 @@ def collect(a, work: Path, out: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = []
+        rows, revs = [], set()
         for row in ROWS:
             recs, partial = [], []
             for p in sorted((out / "seeds" / row[0]).glob("*seed*.json")):
                 r = json.loads(p.read_text())
                 if r.get("key", {}).get("settings") == settings(a):
                     (partial if p.name.startswith("partial_") else recs).append(r)
+                    if "official" in r["key"]:
+                        revs.add(r["key"]["official"])
             done = {r["seed"] for r in recs}
             partial = [r for r in partial if r["seed"] not in done]
             if recs or partial:
                 rows.append(summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds,
                                           sorted(partial, key=lambda r: r["seed"])))
         summary = {"study": STUDY, "official": {"repo": "DaiDaiLoh/QG-VAE", "notebook": NOTEBOOK,
-                                                "revision": a.official_rev},
+                                                "revision": sorted(revs) or [a.official_rev]},
                    "protocol": {**settings(a), "seeds": a.seeds}, "machine": machine_info(a.threads), "rows": rows}
         tmp = out / "results.json.tmp"
         write_json(tmp, summary)
@@ -482,6 +484,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--stop-after", type=float, default=0.0,
                     help="minutes: no new seed after this; the official run checkpoints, stops and is scored "
                          "as partial (a rerun resumes it)")
+    ap.add_argument("--collect-only", action="store_true", help="rebuild results.json / table.md from the kept "
+                                                                    "seeds, train nothing")
     ap.add_argument("--official-ckpt-every", type=int, default=50, help="official run: steps between checkpoints")
     a = ap.parse_args(argv)
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -492,14 +496,13 @@ def main(argv=None) -> dict:
         raise SystemExit(f"unknown rows {bad}; ids {[r[0] for r in ROWS]}")
     rows = [r for r in ROWS if not want or r[0] in want]
     nb = None
-    a.official_rev = "unknown"
-    if any(r[2] is None for r in rows):
+    if a.collect_only:
+        rows = []
+    elif any(r[2] is None for r in rows):
         if not a.official:
             raise SystemExit("the official_code row needs --official PATH (the fetched DaiDaiLoh/QG-VAE)")
         nb = read_notebook(a.official)
-        a.official_rev = notebook_revision(a.official)
-    elif a.official:
-        a.official_rev = notebook_revision(a.official)
+    a.official_rev = notebook_revision(a.official) if a.official else "unknown"
     set_threads(a.threads)
     out = Path(a.out) / STUDY
     work = Path(a.work) if a.work else Path("runs/bench") / STUDY
