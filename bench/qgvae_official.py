@@ -266,6 +266,7 @@ def data_config() -> DataConfig:
 def train_official(nb: dict, seed: int, a, out: Path, key) -> tuple[OfficialTokenizer, list[float], int]:
     """Run the notebook's training cell for ``a.steps`` batches (resuming from ``out/official_ckpt.pt``);
     returns the model, the step times and the steps done (fewer when ``--stop-after`` cut it)."""
+    out = out.resolve()   # the cell runs in a temporary working directory
     dc = data_config()
     ds = build_dataset(dc, "train", train=True)
     tmp = Path(tempfile.mkdtemp(prefix="qgvae_official_"))
