@@ -1,0 +1,130 @@
+"""Issue 23 item 5: the official-recipe preset and bench/qgvae_official.py, without the fetched repo.
+
+The preset is pinned to the recipe the runner states (``OFFICIAL_RECIPE``: the notebook's settings);
+the runner's notebook handling is run on a small stand-in notebook with the release's cell markers; the
+official model's adapter is scored by ``evaluate_tokenizer`` on a known reconstruction (all black)."""
+import json
+import math
+
+import pytest
+
+import bench.qgvae_official as qo
+from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
+from groupgen.config import load_config, to_dict
+from groupgen.data import DataConfig, build_dataset
+from tokenizer.model import Tokenizer
+from tokenizer.train import TokenizerTrainConfig
+
+from bench.common import REPO
+
+
+def test_official_preset_follows_the_release_recipe():
+    cfg = load_config(TokenizerTrainConfig, REPO / "configs/tokenizer/fmnist_qgvae_official.yaml", [])
+    r, m, q, t = qo.OFFICIAL_RECIPE, cfg.model, cfg.quantizer, cfg.train
+    assert (m.arch, m.tokens, m.embed_dim, m.heads, m.down) == ("qgvae", r["tokens"], r["embed_dim"], r["heads"], r["down"])
+    assert m.image_size // 2 ** m.down == 32          # DS_SPEED_FACTOR 0: the full 32x32 map, 1024 features a token
+    assert (q.kind, q.num_tokens, q.codebook_size) == ("pertoken", r["tokens"], r["codebook_size"])
+    assert (q.beta, q.codebook_weight, q.init_scale) == (r["beta"], r["codebook_weight"], r["init_scale"])
+    assert (q.reset_every, q.reset_rule, q.reset_noise) == (r["reset_every"], r["reset_rule"], r["reset_noise"])
+    assert q.ordered_dropout_p == r["ordered_dropout_p"] and q.revive_every == r["revive_every"]
+    assert not q.soft_revive and not q.ema and not q.l2_norm and q.entropy_weight == 0
+    assert (t.lr, tuple(t.betas), t.weight_decay, t.clip) == (r["lr"], r["betas"], r["weight_decay"], r["clip"])
+    assert t.batch_size == r["batch_size"] and t.precision == "fp32"
+    # its MSE on [0, 1] images is a quarter of groupgen's on [-1, 1]
+    assert cfg.loss.l2_weight == 0.25 and cfg.loss.vq_weight == 1.0 and cfg.loss.disc_weight == 0
+    tok = Tokenizer(cfg.model, cfg.quantizer)
+    assert tok.layout.L == 64 and tok.layout.K == (512,) and tok.layout.per_position_codebook
+    assert tok.net.proj_in.proj[0].weight.shape[1] == 32 * 32
+    # the runner trains groupgen's rows with the same budget and no extra maintenance
+    ov = qo.group_overrides(type("A", (), {"steps": 1500, "batch": 32, "threads": 1})(), 2)
+    assert "train.steps=1500" in ov and "train.batch_size=32" in ov and "train.seed=2" in ov
+
+
+# A stand-in notebook: the release's cell markers, a tiny BaseAE with the release's encode/decode/codebook
+# /offset interface (codebook [C, K, D], offset [D, C], encode -> (z, cb, commit, idx [B, C, 1])).
+_MODEL_CELLS = [
+    "import torch\nimport torch.nn as nn\n",
+    "def mkdir(path):\n    pass\n",
+    "class Settings:\n    VQVAE_D = 4\n    VQVAE_K = 8\n    VQVAE_C = 6\n    NUM_HEADS = 2\n"
+    "SETTINGS = Settings()\n",
+    "def positional_encoding(x, n):\n    return x\n",
+    "class SmallResidualBlock(nn.Module):\n    pass\n",
+    "class ConvEncoder(nn.Module):\n    pass\n",
+    "class BaseAE(nn.Module):\n"
+    "    def __init__(self, SETTINGS, c_in):\n"
+    "        super().__init__()\n"
+    "        self.SETTINGS = SETTINGS\n"
+    "        self.codebook = nn.Parameter(torch.zeros(SETTINGS.VQVAE_C, SETTINGS.VQVAE_K, SETTINGS.VQVAE_D))\n"
+    "        self.offset = nn.Parameter(torch.zeros(SETTINGS.VQVAE_D, SETTINGS.VQVAE_C))\n"
+    "    def encode(self, x):\n"
+    "        B, C = x.shape[0], self.SETTINGS.VQVAE_C\n"
+    "        idx = torch.zeros(B, C, 1, dtype=torch.long)\n"
+    "        z = self.codebook[torch.arange(C)[None], idx[..., 0]].transpose(1, 2)[..., None]\n"
+    "        return z + self.offset[None, :, :, None], 0.0, 0.0, idx\n"
+    "    def decode(self, z, w, h):\n"
+    "        return torch.zeros(z.shape[0], self.SETTINGS.INPUT_C, w, h) + 0.0 * z.sum()\n"
+    "    def forward(self, x, dropout_mask=None):\n"
+    "        z, a, b, idx = self.encode(x)\n"
+    "        return self.decode(z.view(z.shape[0], self.SETTINGS.VQVAE_D, -1), x.shape[2], x.shape[3]), a, b, idx\n",
+]
+_TRAIN_CELL = ("ae = BaseAE(SETTINGS, 1)\noptimiser = torch.optim.AdamW(ae.parameters(), lr=0.0002)\n"
+               "for epoch in range(0, 100):\n    x = ae.codebook.get_device(), ae.offset.get_device()\n")
+
+
+def _notebook() -> dict:
+    cells = [{"cell_type": "markdown", "source": ["# demo\n"]}]
+    cells += [{"cell_type": "code", "source": s.splitlines(keepends=True)} for s in _MODEL_CELLS]
+    cells += [{"cell_type": "code", "source": ["ae = BaseAE(SETTINGS, 1)\n"]},        # a sanity-check cell: skipped
+              {"cell_type": "code", "source": _TRAIN_CELL.splitlines(keepends=True)}]
+    return {"cells": cells}
+
+
+def test_notebook_cells_are_split_patched_and_imported(tmp_path):
+    nbfile = tmp_path / "QG-VAE.ipynb"
+    nbfile.write_text(json.dumps(_notebook()))
+    nb = qo.read_notebook(nbfile)
+    assert qo.read_notebook(tmp_path) == nb                    # a folder holding it
+    model_src, train_src = qo.split_cells(nb)
+    assert all(m in model_src for m in qo._MODEL_MARKERS) and "optimiser" not in model_src
+    assert train_src == _TRAIN_CELL
+    patched = qo.patch_training_cell(train_src)
+    assert "range(0, EPOCHS)" in patched and "get_device" not in patched and patched.count(".device") == 2
+    with pytest.raises(SystemExit):
+        qo.patch_training_cell(train_src.replace("range(0, 100)", "range(0, 5)"))
+    mod = qo.import_official(nb, tmp_path, 32, 1)
+    assert (mod.SETTINGS.INPUT_C, mod.SETTINGS.INPUT_W, mod.SETTINGS.INPUT_H) == (1, 32, 32)
+    assert "import torch" in (tmp_path / "qgvae_official_notebook.py").read_text()
+
+
+def test_official_adapter_scores_a_known_reconstruction_on_the_native_basis(tmp_path):
+    """The stand-in model reconstructs every image as black (0 on [0, 1]); evaluate_tokenizer must
+    give the per-image PSNR of that pair on the 28x28 centre, peak 1, and usage 1/K per token."""
+    nb = _notebook()
+    mod = qo.import_official(nb, tmp_path, 32, 1)
+    ae = mod.BaseAE(mod.SETTINGS, 1)
+    tok = qo.OfficialTokenizer(ae, 32, 1)
+    x = build_dataset(DataConfig(name="fmnist", image_size=32, channels=1, limit=64), "test").batch(range(64))[0]
+    assert qo.check_adapter(tok, x[:4]) == 0.0
+    assert tok.encode(x[:4]).shape == (4, 6, 1)
+    ev = evaluate_tokenizer(tok, ReconEvalConfig(n=64, batch_size=32, lpips=False, extractor="none", device="cpu"),
+                            train_data=to_dict(qo.data_config()))
+    a = ((x[:, :, 2:30, 2:30].double() + 1) / 2).pow(2).flatten(1).mean(1)   # MSE against black, [0, 1]
+    assert ev["images"] == 64 and ev["native_basis"].startswith("28x28")
+    assert ev["psnr_native_per_image"] == pytest.approx(float((-10 * a.log10()).mean()), abs=1e-9)
+    assert ev["psnr_native"] == pytest.approx(-10 * math.log10(float(a.mean())), abs=1e-9)
+    assert ev["usage_mean"] == pytest.approx(1 / 8)
+    rec = qo.score(ev)
+    assert set(rec) >= {"psnr_native_per_image", "psnr_native", "ssim_native", "usage_mean"}
+
+
+def test_results_rows_keep_seeds_and_partial_runs_apart(tmp_path):
+    base = {"native_basis": "28x28 centre at offset 2", "psnr_native_per_image": 20.0, "psnr_native": 19.0,
+            "ssim_native": 0.7, "psnr_per_image": 21.0, "usage_mean": 0.9, "sec_per_step_median": 0.3}
+    recs = [{**base, "seed": s, "steps": 1500, "psnr_native_per_image": 20.0 + s, "key": {}} for s in (0, 1)]
+    part = [{**base, "seed": 2, "steps": 700, "partial": True, "key": {}}]
+    row = qo.summarize_row(qo.ROWS[0], recs, [0, 1, 2], part)
+    assert row["seeds"] == [0, 1] and row["partial"] and row["psnr_native_mean"] == 20.5
+    assert row["psnr_native_ci95"] == pytest.approx(12.706 * math.sqrt(0.5) / math.sqrt(2), rel=1e-3)
+    assert [p["steps"] for p in row["in_progress"]] == [700] and "key" not in row["per_seed"][0]
+    md = qo.table([row])
+    assert "partial: step 700" in md and "2/3 **partial**" in md
