@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -46,11 +45,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine_info, write_json  # noqa: E402
+from bench.common import REPO, machine_info  # noqa: E402
 
 os.environ.setdefault("GROUPGEN_QUIET", "1")
 
-from bench.tokenizer_ablation import CFG, ci95  # noqa: E402
+from bench.tokenizer_ablation import CFG, _fmt, ci95, native_cells, results_lock, write_results  # noqa: E402
 from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer  # noqa: E402
 from groupgen.config import load_config, to_dict  # noqa: E402
 from groupgen.data import DataConfig, build_dataset  # noqa: E402
@@ -418,9 +417,7 @@ def summarize_row(row, recs: list[dict], seeds: list[int], partial: list[dict]) 
 
 def collect(a, work: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".results.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with results_lock(work):
         rows, revs = [], set()
         for row in ROWS:
             recs, partial = [], []
@@ -438,15 +435,8 @@ def collect(a, work: Path, out: Path) -> dict:
         summary = {"study": STUDY, "official": {"repo": "DaiDaiLoh/QG-VAE", "notebook": NOTEBOOK,
                                                 "revision": sorted(revs) or [a.official_rev]},
                    "protocol": {**settings(a), "seeds": a.seeds}, "machine": machine_info(a.threads), "rows": rows}
-        tmp = out / "results.json.tmp"
-        write_json(tmp, summary)
-        os.replace(tmp, out / "results.json")
-        (out / "table.md").write_text(table(rows))
+        write_results(out, summary, table(rows))
     return summary
-
-
-def _fmt(m, ci, digits=2, scale=1.0) -> str:
-    return f"{scale * m:.{digits}f}" + (f" ± {scale * ci:.{digits}f}" if ci is not None else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -461,10 +451,7 @@ def table(rows: list[dict]) -> str:
             continue
         part = " **partial**" if r["partial"] else ""
         lines.append(f"| {r['label']} | {len(r['seeds'])}/{len(r['seeds_planned'])}{part} "
-                     f"| {'/'.join(str(s) for s in r['steps'])} "
-                     f"| {_fmt(r['psnr_native_mean'], r['psnr_native_ci95'])} "
-                     f"| {_fmt(r['psnr_native_mse_mean'], r['psnr_native_mse_ci95'])} "
-                     f"| {_fmt(r['ssim_native_mean'], r['ssim_native_ci95'], 3)} "
+                     f"| {'/'.join(str(s) for s in r['steps'])} " + native_cells(r) +
                      f"| {_fmt(r['usage_mean'], r['usage_ci95'], 1, 100.0)} | {r['sec_per_step_median']:.3f} |")
     return "\n".join(lines) + "\n"
 

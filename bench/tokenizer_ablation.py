@@ -26,6 +26,7 @@ lock from every finished seed on disk after each seed, so concurrent processes n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import math
@@ -222,9 +223,7 @@ def _in_progress(rowdir: Path, a) -> list[dict]:
 def collect(study: str, a, work: Path, out: Path) -> dict:
     """Rebuild results.json from every finished seed on disk (under a lock: two processes may write)."""
     out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    with open(work / ".results.lock", "w") as lock:   # in the (ignored) run dir, not next to the results
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with results_lock(work):
         rows = []
         for row in STUDIES[study]:
             recs = []
@@ -241,15 +240,37 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
                              "partial": True, "converged": False, "steps": [], "in_progress": running})
         summary = {"study": study, "protocol": {**protocol(a), "seeds": a.seeds, "threads": a.threads,
                                                 "set": a.set}, "machine": machine_info(a.threads), "rows": rows}
-        tmp = out / "results.json.tmp"
-        write_json(tmp, summary)
-        os.replace(tmp, out / "results.json")
-        (out / "table.md").write_text(table(rows))
+        write_results(out, summary, table(rows))
     return summary
 
 
-def _fmt(m, ci, digits=2) -> str:
-    return f"{m:.{digits}f}" + (f" ± {ci:.{digits}f}" if ci is not None else "")
+def _fmt(m, ci, digits=2, scale=1.0) -> str:
+    return f"{scale * m:.{digits}f}" + (f" ± {scale * ci:.{digits}f}" if ci is not None else "")
+
+
+def native_cells(r: dict) -> str:
+    """The three native-basis table cells of a summarized row: PSNR per image, PSNR of the mean MSE, SSIM."""
+    return (f"| {_fmt(r['psnr_native_mean'], r['psnr_native_ci95'])} "
+            f"| {_fmt(r['psnr_native_mse_mean'], r['psnr_native_mse_ci95'])} "
+            f"| {_fmt(r['ssim_native_mean'], r['ssim_native_ci95'], 3)} ")
+
+
+@contextlib.contextmanager
+def results_lock(work: Path):
+    """Held while a study's results are rebuilt: two processes may collect at once. The lock file lives in
+    the (ignored) run dir, not next to the results."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".results.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def write_results(out: Path, summary: dict, table_md: str) -> None:
+    """results.json (written beside and renamed: a reader never sees half of it) and table.md."""
+    tmp = out / "results.json.tmp"
+    write_json(tmp, summary)
+    os.replace(tmp, out / "results.json")
+    (out / "table.md").write_text(table_md)
 
 
 def table(rows: list[dict]) -> str:
@@ -262,10 +283,7 @@ def table(rows: list[dict]) -> str:
             continue
         conv = "yes" if r["converged"] else ("**partial**" if r["partial"] else "**no**")
         lines.append(f"| {r['label']} | {r['bits_per_image']:.0f} | {len(r['seeds'])}/{len(r['seeds_planned'])} "
-                     f"| {'/'.join(str(s) for s in r['steps'])} | {conv} "
-                     f"| {_fmt(r['psnr_native_mean'], r['psnr_native_ci95'])} "
-                     f"| {_fmt(r['psnr_native_mse_mean'], r['psnr_native_mse_ci95'])} "
-                     f"| {_fmt(r['ssim_native_mean'], r['ssim_native_ci95'], 3)} "
+                     f"| {'/'.join(str(s) for s in r['steps'])} | {conv} " + native_cells(r) +
                      f"| {_fmt(r['psnr_model_mean'], r['psnr_model_ci95'])} "
                      f"| {_fmt(100 * r['usage_mean'], None if r['usage_ci95'] is None else 100 * r['usage_ci95'], 1)} "
                      f"| {r['step_time_s_mean']:.3f} |")
