@@ -413,7 +413,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                 engine.step()
                 acc += torch.cat([loss.detach().reshape(1), per.detach()]).double()
             if ema is not None:
-                ema.update(_ema_source(engine))
+                ema.update(_ema_source(engine), step)
             step += 1
             # The previous step's numbers are read now, while this step runs on the GPU: no sync per
             # step. So a stop request (or a non-finite loss) is seen one step later than it happened.

@@ -267,7 +267,7 @@ def test_bf16_training_exports_and_averages_the_fp32_masters(store, tmp_path, mo
 
     seen = []
     update = EMA.update
-    monkeypatch.setattr(EMA, "update", lambda self, p: (seen.append({v.dtype for v in p.values()}), update(self, p)))
+    monkeypatch.setattr(EMA, "update", lambda self, p, n: (seen.append({v.dtype for v in p.values()}), update(self, p, n)))
     train(cfg_of("train.steps=3", "train.precision=bf16", "train.ema=0.9", f"train.zero_stage={zero}"), store,
           tmp_path / "run")
     assert seen == [{torch.float32 if zero == 0 else torch.bfloat16}] * 3   # ZeRO-1/2: partitioned masters
@@ -465,3 +465,21 @@ def test_the_loop_reads_each_steps_loss_while_the_next_step_runs(store, tmp_path
     assert not feed.pin and feed.take(5)[0][0, 0] == 5 and b.calls == [5, 6]
     assert feed.take(6)[1].tolist() == [6, 6] and b.calls == [5, 6, 7]     # 6 was ready: only 7 is read
     assert Prefetch(b, torch.device("cuda", 0)).pin
+
+
+def test_ema_warms_up_so_the_initial_weights_fade():
+    """The n-th update uses min(decay, (1+n)/(10+n)): the first update keeps 10% of the start, five keep
+    5!/(10*...*14); over 2,000 updates at 0.999 the start's share is ~1e-24 where a plain EMA keeps 0.135."""
+    from ar_model.ema import EMA
+
+    ema = EMA({"w": torch.zeros(3), "step": torch.zeros(1, dtype=torch.long)}, 0.999)
+    assert set(ema.shadow) == {"w"}                                      # integer buffers are not averaged
+    one = {"w": torch.ones(3)}
+    ema.update(one, 0)
+    torch.testing.assert_close(ema.shadow["w"], torch.full((3,), 0.9))
+    for n in range(1, 5):
+        ema.update(one, n)
+    start_share = 1.0 - ema.shadow["w"][0].item()                       # the zeros' weight in the average
+    assert start_share == pytest.approx(120 / (10 * 11 * 12 * 13 * 14), rel=1e-2)
+    assert math.prod(ema.decay_at(n) for n in range(2000)) < 1e-20 < 0.13 < 0.999 ** 2000
+    assert ema.decay_at(10_000) == 0.999 and ema.decay_at(100) == pytest.approx(101 / 110)
