@@ -183,7 +183,19 @@ def run_seed(row, seed: int, a, work: Path, results: Path) -> dict | None:
     return json.loads(cache.read_text())
 
 
-def summarize_row(row, recs: list[dict], seeds: list[int]) -> dict:
+def at_budget(curve: list, budget: int, window: int = 5) -> float | None:
+    """Held-out PSNR at a fixed step budget: the mean of the last ``window`` curve points at or before
+    ``budget`` (smooths the few-image eval noise); None when the curve stops short of the budget.
+
+    Why: the convergence test stops one seed on a plateau that another seed of the same row leaves, so
+    the final scores mix budgets (2,500 vs 5,000 steps); every seed reaches ``--min-steps``, where all
+    rows compare at equal training steps."""
+    if not curve or curve[-1][0] < budget:
+        return None
+    return statistics.fmean([p for s, p in curve if s <= budget][-window:])
+
+
+def summarize_row(row, recs: list[dict], seeds: list[int], budget: int = 0) -> dict:
     rid, fam, label, preset, overrides = row
     vals = lambda k: [r[k] for r in recs]  # noqa: E731
     out = {"row": rid, "family": fam, "label": label, "preset": f"{CFG}/{preset}.yaml", "overrides": overrides,
@@ -199,6 +211,10 @@ def summarize_row(row, recs: list[dict], seeds: list[int]) -> dict:
                       ("step_time_s", "step_time_median_s")):
         out[f"{name}_mean"] = statistics.fmean(vals(key))
         out[f"{name}_ci95"] = ci95(vals(key))
+    if budget:   # every seed at the same step count (the protocol's --min-steps)
+        at = [v for v in (at_budget(r["curve"], budget) for r in recs) if v is not None]
+        out.update(budget_steps=budget, psnr_at_budget_per_seed=at,
+                   psnr_at_budget_mean=statistics.fmean(at) if at else None, psnr_at_budget_ci95=ci95(at))
     out["per_seed"] = [{k: v for k, v in r.items() if k not in ("key", "curve", "layout")} for r in recs]
     out["curves"] = {str(r["seed"]): r["curve"] for r in recs}
     return out
@@ -233,7 +249,7 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
                     recs.append(r)
             running = _in_progress(work / row[0], a)
             if recs:
-                rows.append({**summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds),
+                rows.append({**summarize_row(row, sorted(recs, key=lambda r: r["seed"]), a.seeds, a.min_steps),
                              "in_progress": running})
             elif running:  # no seed finished yet: the row is listed as partial with its curves so far
                 rows.append({"row": row[0], "family": row[1], "label": row[2], "seeds": [], "seeds_planned": a.seeds,
@@ -246,6 +262,12 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
 
 def _fmt(m, ci, digits=2, scale=1.0) -> str:
     return f"{scale * m:.{digits}f}" + (f" ± {scale * ci:.{digits}f}" if ci is not None else "")
+
+
+def _budget_cell(r: dict) -> str:
+    if r.get("psnr_at_budget_mean") is None:
+        return ""
+    return f"{_fmt(r['psnr_at_budget_mean'], r['psnr_at_budget_ci95'])} ({r['budget_steps']})"
 
 
 def native_cells(r: dict) -> str:
@@ -275,18 +297,20 @@ def write_results(out: Path, summary: dict, table_md: str) -> None:
 
 def table(rows: list[dict]) -> str:
     lines = ["| row | bits/img | seeds | steps | converged | PSNR native (per-image) dB | PSNR native (mean MSE) dB "
-             "| SSIM native | PSNR 32×32 (per-image) dB | usage % | step s |", "|" + "---|" * 11]
+             "| SSIM native | PSNR 32×32 (per-image) dB | usage % | step s | held-out PSNR at the min. steps dB |",
+             "|" + "---|" * 12]
     for r in rows:
         if not r["seeds"]:
             runs = ", ".join(f"seed {p['seed']} at step {p['step']}" for p in r["in_progress"])
-            lines.append(f"| {r['label']} | | 0/{len(r['seeds_planned'])} | {runs} | **partial** | | | | | | |")
+            lines.append(f"| {r['label']} | | 0/{len(r['seeds_planned'])} | {runs} | **partial** | | | | | | | |")
             continue
         conv = "yes" if r["converged"] else ("**partial**" if r["partial"] else "**no**")
         lines.append(f"| {r['label']} | {r['bits_per_image']:.0f} | {len(r['seeds'])}/{len(r['seeds_planned'])} "
                      f"| {'/'.join(str(s) for s in r['steps'])} | {conv} " + native_cells(r) +
                      f"| {_fmt(r['psnr_model_mean'], r['psnr_model_ci95'])} "
                      f"| {_fmt(100 * r['usage_mean'], None if r['usage_ci95'] is None else 100 * r['usage_ci95'], 1)} "
-                     f"| {r['step_time_s_mean']:.3f} |")
+                     f"| {r['step_time_s_mean']:.3f} "
+                     f"| {_budget_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 

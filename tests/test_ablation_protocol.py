@@ -29,6 +29,13 @@ def test_convergence_window_and_growth():
     assert [ab.next_target(s, a) for s in (1000, 1500, 2000)] == [1500, 2500, 2500]
 
 
+def test_psnr_at_a_fixed_budget_ignores_steps_past_it():
+    curve = [(s, float(s // 100)) for s in range(100, 5001, 100)]       # 1 dB per 100 steps
+    assert ab.at_budget(curve, 2500) == pytest.approx((21 + 22 + 23 + 24 + 25) / 5)
+    assert ab.at_budget(curve[:20], 2500) is None                        # stopped at 2,000: no figure
+    assert ab.at_budget([(100, 9.0), (200, 11.0)], 200) == 10.0          # fewer points than the window
+
+
 def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, monkeypatch):
     args = TINY + ["--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]
     R = ab.main(args)
@@ -51,6 +58,11 @@ def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, 
     assert math.isclose(row["psnr_native_ci95"], ab.ci95(vals), rel_tol=1e-12)
     assert row["native_basis"].startswith("28x28")
     assert all(0 < s["usage"] <= 1 for s in row["per_seed"])
+    # the fixed-budget figure: every seed's held-out PSNR at --min-steps (mean of its last 5 evals there)
+    at = [sum(p for st, p in row["curves"][str(sd)] if st <= 5) / 5 for sd in row["seeds"]]
+    assert row["budget_steps"] == 5 and row["psnr_at_budget_per_seed"] == pytest.approx(at, rel=1e-12)
+    assert math.isclose(row["psnr_at_budget_mean"], sum(at) / 3, rel_tol=1e-12)
+    assert math.isclose(row["psnr_at_budget_ci95"], ab.ci95(at), rel_tol=1e-12)
     assert (tmp_path / "res" / "tokenizer_ablation" / "table.md").read_text().count("VQ G1×1024") == 1
 
     # a rerun trains nothing (every seed reused); losing one seed's record retrains exactly that seed
