@@ -30,7 +30,7 @@ class EMA:
             missing = sorted(set(self.shadow) - set(params))[:5]
             raise KeyError(f"EMA update is missing parameters {missing}")
         src = [params[k].detach().float() for k in keys]
-        # lerp(shadow, p, 1 - decay) == decay * shadow + (1 - decay) * p, one fused op per tensor list.
+        # lerp(shadow, p, 1 - d) == d * shadow + (1 - d) * p, one fused op per tensor list.
         torch._foreach_lerp_([self.shadow[k] for k in keys], src, 1.0 - self.decay_at(n))
 
     def state_dict(self) -> dict[str, torch.Tensor]:

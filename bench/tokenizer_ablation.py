@@ -195,7 +195,7 @@ def at_budget(curve: list, budget: int, window: int = 5) -> float | None:
     return statistics.fmean([p for s, p in curve if s <= budget][-window:])
 
 
-def summarize_row(row, recs: list[dict], seeds: list[int], budget: int = 0) -> dict:
+def summarize_row(row, recs: list[dict], seeds: list[int], budget: int) -> dict:
     rid, fam, label, preset, overrides = row
     vals = lambda k: [r[k] for r in recs]  # noqa: E731
     out = {"row": rid, "family": fam, "label": label, "preset": f"{CFG}/{preset}.yaml", "overrides": overrides,
@@ -211,10 +211,10 @@ def summarize_row(row, recs: list[dict], seeds: list[int], budget: int = 0) -> d
                       ("step_time_s", "step_time_median_s")):
         out[f"{name}_mean"] = statistics.fmean(vals(key))
         out[f"{name}_ci95"] = ci95(vals(key))
-    if budget:   # every seed at the same step count (the protocol's --min-steps)
-        at = [v for v in (at_budget(r["curve"], budget) for r in recs) if v is not None]
-        out.update(budget_steps=budget, psnr_at_budget_per_seed=at,
-                   psnr_at_budget_mean=statistics.fmean(at) if at else None, psnr_at_budget_ci95=ci95(at))
+    # every seed at the same step count (``budget``: the protocol's --min-steps)
+    at = [v for v in (at_budget(r["curve"], budget) for r in recs) if v is not None]
+    out.update(budget_steps=budget, psnr_at_budget_per_seed=at,
+               psnr_at_budget_mean=statistics.fmean(at) if at else None, psnr_at_budget_ci95=ci95(at))
     out["per_seed"] = [{k: v for k, v in r.items() if k not in ("key", "curve", "layout")} for r in recs]
     out["curves"] = {str(r["seed"]): r["curve"] for r in recs}
     return out
@@ -265,7 +265,7 @@ def _fmt(m, ci, digits=2, scale=1.0) -> str:
 
 
 def _budget_cell(r: dict) -> str:
-    if r.get("psnr_at_budget_mean") is None:
+    if r["psnr_at_budget_mean"] is None:
         return ""
     return f"{_fmt(r['psnr_at_budget_mean'], r['psnr_at_budget_ci95'])} ({r['budget_steps']})"
 
