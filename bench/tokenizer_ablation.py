@@ -125,20 +125,44 @@ def kept_seed(results: Path, rid: str, seed: int) -> Path:
     return results / "seeds" / rid / f"seed{seed}.json"
 
 
+def seed_key(row, seed: int, a) -> dict:
+    """What a seed's result depends on: the row's resolved config (steps aside) and the protocol."""
+    _rid, _fam, _label, preset, overrides = row
+    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml",
+                      overrides + shared_overrides(a, seed, a.min_steps))
+    return json.loads(json.dumps({"config": {**to_dict(cfg), "train": {**to_dict(cfg.train), "steps": None}},
+                                  "protocol": protocol(a)}, default=str))
+
+
+def _with_defaults(d, defaults):
+    if not isinstance(d, dict) or not isinstance(defaults, dict):
+        return d
+    out = {k: _with_defaults(v, defaults.get(k)) for k, v in d.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
+
+
+def key_matches(old, key: dict) -> bool:
+    """A kept record's key equals ``key`` once the config fields it predates take their defaults (a
+    field added later defaults to the old behaviour), so records written before it are still reused."""
+    if not isinstance(old, dict):
+        return False
+    defaults = {"config": json.loads(json.dumps(to_dict(load_config(TokenizerTrainConfig)), default=str))}
+    return _with_defaults(old, defaults) == key
+
+
 def run_seed(row, seed: int, a, work: Path, results: Path) -> dict | None:
     """Train (resuming) and evaluate one seed; None when training was interrupted (partial)."""
     rid, _fam, label, preset, overrides = row
     out = work / rid / f"seed{seed}"
     kept = kept_seed(results, rid, seed)
-    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml",
-                      overrides + shared_overrides(a, seed, a.min_steps))
-    key = json.loads(json.dumps({"config": {**to_dict(cfg), "train": {**to_dict(cfg.train), "steps": None}},
-                                 "protocol": protocol(a)}, default=str))
+    key = seed_key(row, seed, a)
     cache, prog = out / "seed.json", out / "progress.json"
     for f in (cache, kept):
         if f.exists() and not a.fresh:
             old = json.loads(f.read_text())
-            if old.get("key") == key:
+            if key_matches(old.get("key"), key):
                 print(f"[{rid} seed {seed}] reusing {f}", flush=True)
                 return old
     if a.fresh and out.exists():
@@ -146,7 +170,7 @@ def run_seed(row, seed: int, a, work: Path, results: Path) -> dict | None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = a.min_steps
-    if prog.exists() and json.loads(prog.read_text()).get("key") == key:
+    if prog.exists() and key_matches(json.loads(prog.read_text()).get("key"), key):
         steps = json.loads(prog.read_text())["target"]
     w0 = time.perf_counter()
     while True:
@@ -245,7 +269,7 @@ def collect(study: str, a, work: Path, out: Path) -> dict:
             recs = []
             for p in sorted((out / "seeds" / row[0]).glob("seed*.json")):   # finished seeds, kept
                 r = json.loads(p.read_text())
-                if r.get("key", {}).get("protocol") == json.loads(json.dumps(protocol(a))):
+                if key_matches(r.get("key"), seed_key(row, r["seed"], a)):   # the rule run_seed reuses by
                     recs.append(r)
             running = _in_progress(work / row[0], a)
             if recs:

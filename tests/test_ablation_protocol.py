@@ -89,6 +89,21 @@ def test_protocol_writes_rows_with_intervals_and_resumes_seed_by_seed(tmp_path, 
     assert set(calls) == {1}
 
 
+def test_a_kept_record_predating_a_config_field_is_reused_only_at_that_fields_default():
+    a = _ns(TINY)
+    row = next(r for r in ab.STUDIES["tokenizer_ablation"] if r[0] == "c_vq_g1_k1024")
+    key = ab.seed_key(row, 0, a)
+    assert key["config"]["train"]["schedule"] == "constant"
+    old = json.loads(json.dumps(key))
+    del old["config"]["train"]["schedule"]             # a record written before the field existed
+    assert old != key and ab.key_matches(old, key)
+    assert not ab.key_matches(old, ab.seed_key((*row[:4], row[4] + ["train.schedule=cosine"]), 0, a))
+    assert not ab.key_matches(key, ab.seed_key(row, 1, a))                # another seed
+    old["protocol"]["batch"] = 16
+    assert not ab.key_matches(old, key)                                   # the protocol has no defaults
+    assert not ab.key_matches(None, key)
+
+
 def _ns(args):
     import argparse
     a = argparse.Namespace(min_steps=5, max_steps=10, grow=1.5, eval_every=1, eval_batches=1, eval_images=16,
