@@ -213,3 +213,27 @@ def write_json(path: str | Path | None, obj: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
+def _with_defaults(d, defaults):
+    if not isinstance(d, dict) or not isinstance(defaults, dict):
+        return d
+    out = {k: _with_defaults(v, defaults.get(k)) for k, v in d.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
+
+
+def key_matches(old, key: dict) -> bool:
+    """A kept seed record's key (``{"config": <tokenizer train config>, ...}``) equals ``key`` once the
+    config fields it predates take their defaults (a field added later defaults to the old behaviour), so
+    records written before it are still reused; everything outside ``config`` must match as is."""
+    if not isinstance(old, dict):
+        return False
+    from groupgen.config import load_config, to_dict
+    from tokenizer.train import TokenizerTrainConfig
+
+    if isinstance(old.get("config"), dict):
+        defaults = json.loads(json.dumps(to_dict(load_config(TokenizerTrainConfig)), default=str))
+        old = {**old, "config": _with_defaults(old["config"], defaults)}
+    return old == key

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine_info  # noqa: E402
+from bench.common import REPO, key_matches, machine_info  # noqa: E402
 
 os.environ.setdefault("GROUPGEN_QUIET", "1")
 
@@ -345,7 +345,7 @@ def run_seed(row, seed: int, a, work: Path, results: Path, nb: dict | None) -> d
     else:
         cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml", group_overrides(a, seed))
         key = json.loads(json.dumps({"config": to_dict(cfg), "settings": settings(a)}, default=str))
-    if kept.exists() and not a.fresh and json.loads(kept.read_text()).get("key") == key:
+    if kept.exists() and not a.fresh and key_matches(json.loads(kept.read_text()).get("key"), key):
         print(f"[{rid} seed {seed}] reusing {kept}", flush=True)
         return json.loads(kept.read_text())
     if a.fresh and out.exists():

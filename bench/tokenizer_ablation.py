@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import REPO, machine_info, write_json
+from bench.common import REPO, key_matches, machine_info, write_json
 
 os.environ.setdefault("GROUPGEN_QUIET", "1")  # no tqdm bars in the benchmark log
 
@@ -132,24 +132,6 @@ def seed_key(row, seed: int, a) -> dict:
                       overrides + shared_overrides(a, seed, a.min_steps))
     return json.loads(json.dumps({"config": {**to_dict(cfg), "train": {**to_dict(cfg.train), "steps": None}},
                                   "protocol": protocol(a)}, default=str))
-
-
-def _with_defaults(d, defaults):
-    if not isinstance(d, dict) or not isinstance(defaults, dict):
-        return d
-    out = {k: _with_defaults(v, defaults.get(k)) for k, v in d.items()}
-    for k, v in defaults.items():
-        out.setdefault(k, v)
-    return out
-
-
-def key_matches(old, key: dict) -> bool:
-    """A kept record's key equals ``key`` once the config fields it predates take their defaults (a
-    field added later defaults to the old behaviour), so records written before it are still reused."""
-    if not isinstance(old, dict):
-        return False
-    defaults = {"config": json.loads(json.dumps(to_dict(load_config(TokenizerTrainConfig)), default=str))}
-    return _with_defaults(old, defaults) == key
 
 
 def run_seed(row, seed: int, a, work: Path, results: Path) -> dict | None:

@@ -102,6 +102,9 @@ def test_a_kept_record_predating_a_config_field_is_reused_only_at_that_fields_de
     old["protocol"]["batch"] = 16
     assert not ab.key_matches(old, key)                                   # the protocol has no defaults
     assert not ab.key_matches(None, key)
+    official = {"official": "f285b2c", "settings": {"steps": 1500}}   # a key with no config (the official code's)
+    assert ab.key_matches(json.loads(json.dumps(official)), official)
+    assert not ab.key_matches({**official, "official": "0000000"}, official)
 
 
 def _ns(args):
