@@ -106,6 +106,28 @@ def test_revival_never_duplicates_when_dead_codes_outnumber_features():
     assert sorted(d.argmin(-1).tolist()) == [0, 1, 2, 3, 4] and (d.min(-1).values < 0.2).all()
 
 
+@pytest.mark.parametrize("pick", ["uniform", "d2"])
+def test_d2_revival_fills_the_region_the_live_codes_miss(pick):
+    """``revive_pick: d2`` draws by squared distance to the nearest live code (k-means++): with 20
+    features crowding the one live code and one far away, the dead code lands on the far one every time;
+    a uniform draw finds it about once in 21."""
+    hits = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        near = torch.zeros(20, 4) + torch.randn(20, 4) * 1e-3     # 20 distinct features at the live code
+        far = torch.full((1, 4), 5.0)
+        feats = torch.cat([near, far])
+        cfg = QuantizerConfig(kind="vq", codebook_size=2, revive_every=1, revive_pick=pick, revive_noise=0.0)
+        books = Codebooks(1, 2, 4, cfg, 0.1)
+        with torch.no_grad():
+            books.embed[0, 0] = 0.0
+            books.embed[0, 1] = -100.0                            # never nearest: dead after one window
+        books.observe(feats[None], books.nearest(feats[None], books.codebook()))
+        assert books.revive() == 1
+        hits += bool(torch.allclose(books.embed.detach()[0, 1], far[0]))
+    assert hits == 10 if pick == "d2" else hits <= 3
+
+
 def test_revival_pool_spans_several_batches():
     """With ``revive_pool`` the dead codes are filled from the last batches, not only the last one."""
     torch.manual_seed(3)

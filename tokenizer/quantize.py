@@ -61,6 +61,7 @@ class QuantizerConfig:
     revive_threshold: float = 1.0    # a code used fewer times than this in the window is dead
     revive_noise: float = 0.01       # revived code = distinct batch feature + N(0, (this * its rms)^2)
     revive_pool: int = 0             # features kept per slot to revive from (0 = the last batch only)
+    revive_pick: str = "uniform"     # uniform | d2: features far from the live codes first (k-means++ weights)
     soft_revive: bool = False        # MGVQ release: usage EMA, rare codes pulled to batch features each step
     soft_revive_decay: float = 0.99
     num_tokens: int = 0              # pertoken: C (= L)
@@ -112,6 +113,8 @@ class QuantizerConfig:
             bad("revive_every, reset_every and revive_pool must be >= 0")
         if self.mask_until_step < 0 or (self.mask_until_step and not self.nested_mask):
             bad(f"mask_until_step must be >= 0 and needs nested_mask=true, got {self.mask_until_step}")
+        if self.revive_pick not in ("uniform", "d2"):
+            bad(f"revive_pick must be 'uniform' or 'd2', got {self.revive_pick!r}")
         if self.reset_rule not in ("once", "proportional"):
             bad(f"reset_rule must be 'once' or 'proportional', got {self.reset_rule!r}")
         if self.soft_revive and (self.ema or self.kind not in _CODEBOOK_KINDS):

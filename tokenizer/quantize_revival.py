@@ -6,7 +6,8 @@ codes it moved.
 * ``revive_dead``: every ``revive_every`` steps, codes used fewer than ``revive_threshold`` times in
   the window take *distinct* features of the slot's last batch (or of its last ``revive_pool``
   features: a per-token QG-VAE codebook sees one vector per image, 32 a batch for 512 codes), drawn
-  without replacement, plus a small relative perturbation (``revive_noise``). Drawing with replacement, or from features that are
+  without replacement (uniformly, or by k-means++ weights with ``revive_pick: d2``), plus a small
+  relative perturbation (``revive_noise``). Drawing with replacement, or from features that are
   equal (Fashion-MNIST's blank border encodes to many identical latents), gives revived codes that
   tie in the argmin: only the first of a tie is ever chosen, the others stay dead.
 * ``soft_revive``: every step, a usage EMA per code; each code is pulled toward a random batch feature
@@ -39,6 +40,24 @@ def perturb(x: torch.Tensor, rel: float) -> torch.Tensor:
     return x + torch.randn_like(x, dtype=torch.float32).to(x.dtype) * (rel * rms).to(x.dtype)
 
 
+def _pick(books, s: int, cand: torch.Tensor, dead: torch.Tensor, m: int) -> torch.Tensor:
+    """Which ``m`` of the distinct features ``cand`` the dead codes of slot ``s`` take, without
+    replacement: uniformly, or (``revive_pick: d2``) with probability proportional to the squared distance
+    to the nearest live code, k-means++'s weights. Codes placed at random features split the data into
+    cells of unequal mass (about exponential), so many are rarely hit; d2 fills the regions the live codes
+    cover worst first."""
+    n = cand.shape[0]
+    if books.cfg.revive_pick == "d2":
+        live = torch.ones(books.K, dtype=torch.bool, device=cand.device)
+        live[dead] = False
+        codes = books.codebook()[s][live]
+        if codes.shape[0]:
+            d2 = books.distances(cand[None].float(), codes[None])[0].min(-1).values.clamp_min(0).double()
+            w = d2 + 1e-12 * float(d2.mean()) + 1e-300        # every feature stays drawable
+            return torch.multinomial(w, m, replacement=False)
+    return torch.randperm(n, device=cand.device)[:m]
+
+
 @torch.no_grad()
 def revive_dead(books) -> int:
     cfg = books.cfg
@@ -50,7 +69,7 @@ def revive_dead(books) -> int:
             continue
         cand = torch.unique(feats, dim=0)                       # distinct features only
         m = min(cand.shape[0], dead.numel())                    # more dead than features: the rest wait
-        pick = cand[torch.randperm(cand.shape[0], device=cand.device)[:m]]
+        pick = cand[_pick(books, s, cand, dead, m)]
         target = dead[torch.randperm(dead.numel(), device=dead.device)[:m]]
         new = perturb(pick, cfg.revive_noise).to(books.embed.dtype)
         books.embed.data[s, target] = new
