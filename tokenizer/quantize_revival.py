@@ -40,8 +40,8 @@ def perturb(x: torch.Tensor, rel: float) -> torch.Tensor:
     return x + torch.randn_like(x, dtype=torch.float32).to(x.dtype) * (rel * rms).to(x.dtype)
 
 
-def _pick(books, s: int, cand: torch.Tensor, dead: torch.Tensor, m: int) -> torch.Tensor:
-    """Which ``m`` of the distinct features ``cand`` the dead codes of slot ``s`` take, without
+def _pick(books, codes: torch.Tensor, cand: torch.Tensor, dead: torch.Tensor, m: int) -> torch.Tensor:
+    """Which ``m`` of the distinct features ``cand`` the ``dead`` codes of a slot (its ``codes``) take, without
     replacement: uniformly, or (``revive_pick: d2``) with probability proportional to the squared distance
     to the nearest live code, k-means++'s weights. Codes placed at random features split the data into
     cells of unequal mass (about exponential), so many are rarely hit; d2 fills the regions the live codes
@@ -50,7 +50,7 @@ def _pick(books, s: int, cand: torch.Tensor, dead: torch.Tensor, m: int) -> torc
     if books.cfg.revive_pick == "d2":
         live = torch.ones(books.K, dtype=torch.bool, device=cand.device)
         live[dead] = False
-        codes = books.codebook()[s][live]
+        codes = codes[live]
         if codes.shape[0]:
             d2 = books.distances(cand[None].float(), codes[None])[0].min(-1).values.clamp_min(0).double()
             w = d2 + 1e-12 * float(d2.mean()) + 1e-300        # every feature stays drawable
@@ -62,6 +62,7 @@ def _pick(books, s: int, cand: torch.Tensor, dead: torch.Tensor, m: int) -> torc
 def revive_dead(books) -> int:
     cfg = books.cfg
     moved = 0
+    e = books.codebook() if cfg.revive_pick == "d2" else None   # slots are independent: one copy serves all
     for s in range(books.P):
         feats = books._recent[s]
         dead = (books.window_usage[s] < cfg.revive_threshold).nonzero().squeeze(1)
@@ -69,7 +70,7 @@ def revive_dead(books) -> int:
             continue
         cand = torch.unique(feats, dim=0)                       # distinct features only
         m = min(cand.shape[0], dead.numel())                    # more dead than features: the rest wait
-        pick = cand[_pick(books, s, cand, dead, m)]
+        pick = cand[_pick(books, None if e is None else e[s], cand, dead, m)]
         target = dead[torch.randperm(dead.numel(), device=dead.device)[:m]]
         new = perturb(pick, cfg.revive_noise).to(books.embed.dtype)
         books.embed.data[s, target] = new
