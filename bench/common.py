@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -224,16 +225,21 @@ def _with_defaults(d, defaults):
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer_defaults_json() -> str:
+    """The tokenizer train config's defaults as JSON, built once (collect matches every kept record)."""
+    from groupgen.config import load_config, to_dict
+    from tokenizer.train import TokenizerTrainConfig
+
+    return json.dumps(to_dict(load_config(TokenizerTrainConfig)), default=str)
+
+
 def key_matches(old, key: dict) -> bool:
     """A kept seed record's key (``{"config": <tokenizer train config>, ...}``) equals ``key`` once the
     config fields it predates take their defaults (a field added later defaults to the old behaviour), so
     records written before it are still reused; everything outside ``config`` must match as is."""
     if not isinstance(old, dict):
         return False
-    from groupgen.config import load_config, to_dict
-    from tokenizer.train import TokenizerTrainConfig
-
     if isinstance(old.get("config"), dict):
-        defaults = json.loads(json.dumps(to_dict(load_config(TokenizerTrainConfig)), default=str))
-        old = {**old, "config": _with_defaults(old["config"], defaults)}
+        old = {**old, "config": _with_defaults(old["config"], json.loads(_tokenizer_defaults_json()))}
     return old == key
