@@ -42,6 +42,7 @@ import torch
 
 from ar_model.checkpointing import (check_resume_meta, clean_partial_saves, find_resume, fp32_masters, load_ema,
                                     load_resume_state, save_training_checkpoint, vet_engine_files)
+from ar_model.cpu import dispatch
 from ar_model.data import Prefetch, TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
@@ -88,7 +89,7 @@ class TrainSection:
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.0              # cosine ends at lr * min_lr_ratio
     clip: float = 1.0                      # 0: no clipping
-    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fast"] = "auto"   # auto: bf16 on GPU, fp32 on CPU; fast: see use_bf16
     zero_stage: int | str = 0              # 0..3 -> configs/deepspeed/zero{N}.json, or a JSON path
     ema: float = 0.0                       # EMA decay; 0 = off
     log_every: int = 10
@@ -128,6 +129,18 @@ class ARTrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     tokens: str = ""                       # token store (the --tokens argument wins)
     out: str = ""                          # run directory (the --out argument wins)
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether a run of ``train.precision`` trains in bf16: ``auto`` on a GPU only (fp32 on every CPU, so a
+    CPU run's numbers do not depend on the CPU's kind); ``fast`` wherever bf16 trains faster than fp32
+    (a GPU; a CPU with AMX, or AMD's AVX512-BF16: ``dispatch.bf16_trains_faster``)."""
+    if precision in ("fp32", "bf16"):
+        return precision == "bf16"
+    gpu = torch.cuda.is_available()
+    if precision == "auto":
+        return gpu
+    return dispatch.bf16_trains_faster(torch.device("cuda" if gpu else "cpu"))
 
 
 def resolve_gpt_config(sec) -> GPTConfig:
@@ -263,7 +276,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     run = Path(cfg.out)
     root = run / "checkpoints"
     resume_from = find_resume(tc, root)
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and torch.cuda.is_available())
+    bf16 = use_bf16(tc.precision)
     ds_cfg = _ds_config(tc, world, bf16)
     stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     if tc.ema and stage == 3:

@@ -16,6 +16,15 @@ def _cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def bf16_trains_faster(device: torch.device) -> bool:
+    """Whether training in bf16 beats fp32 on ``device``: always on a GPU; on a CPU where it multiplies
+    bf16 natively and faster than fp32 (``kernels.bf16_trains_faster``)."""
+    if device.type != "cpu":
+        return True
+    from . import kernels
+    return kernels.bf16_trains_faster()
+
+
 def linear(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """``F.linear(x, module.weight, module.bias)``: decode sizes on a packed weight (inference), or
     bf16 training with the faster weight-gradient GEMM."""

@@ -132,6 +132,17 @@ def bf16_fma_preferred() -> bool:
     return _state["fma_preferred"]
 
 
+def bf16_trains_faster() -> bool:
+    """Whether bf16 training (DeepSpeed's bf16 mode, its GEMMs run by oneDNN) is faster than fp32 on this
+    CPU: where it multiplies bf16 natively at more than an fp32 FMA's rate, i.e. with AMX, or with
+    AVX512-BF16 on a CPU that is not Intel's (on Intel without AMX ``vdpbf16ps`` retires 4x fewer
+    instructions than an FMA, see ``bf16_fma_preferred``). Measured on AMD EPYC (Zen 4, AVX512-BF16, no
+    AMX): the demo's tiny prior trains at 1.39x fp32's tokens/s (BENCHMARKS.md, issue 24, session 16).
+    The CPU alone decides it: oneDNN, not groupgen's kernels, runs these GEMMs."""
+    prof = cpu_profile()
+    return prof.amx_bf16 or (prof.avx512f and "avx512_bf16" in prof.flags and prof.vendor != "GenuineIntel")
+
+
 def unavailable_reason() -> str:
     """Why the kernels cannot be used here, or '' when they can be built and loaded."""
     kernels()
