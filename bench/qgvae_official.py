@@ -336,15 +336,29 @@ def score(ev: dict) -> dict:
                                "ssim_native", "native_basis", "usage_mean", "perplexity_mean", "images")}
 
 
+def seed_key(row, seed: int, a) -> dict:
+    """What a seed's result depends on: the official notebook's revision, or groupgen's resolved config;
+    and the run settings."""
+    if row[2] is None:
+        return {"official": a.official_rev, "settings": settings(a)}
+    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{row[2]}.yaml", group_overrides(a, seed))
+    return json.loads(json.dumps({"config": to_dict(cfg), "settings": settings(a)}, default=str))
+
+
+def record_matches(old, row, seed: int, a) -> bool:
+    """Whether a kept record belongs to this run: ``key_matches`` on its key. A collect without
+    ``--official`` cannot know the notebook's revision, so there an official record matches on the
+    settings alone (results.json lists the revisions it holds)."""
+    if row[2] is None and a.official_rev == "unknown":
+        return isinstance(old, dict) and "official" in old and old.get("settings") == settings(a)
+    return key_matches(old, seed_key(row, seed, a))
+
+
 def run_seed(row, seed: int, a, work: Path, results: Path, nb: dict | None) -> dict:
     rid, label, preset = row
     out = work / rid / f"seed{seed}"
     kept = results / "seeds" / rid / f"seed{seed}.json"
-    if preset is None:
-        key = {"official": a.official_rev, "settings": settings(a)}
-    else:
-        cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{preset}.yaml", group_overrides(a, seed))
-        key = json.loads(json.dumps({"config": to_dict(cfg), "settings": settings(a)}, default=str))
+    key = seed_key(row, seed, a)
     if kept.exists() and not a.fresh and key_matches(json.loads(kept.read_text()).get("key"), key):
         print(f"[{rid} seed {seed}] reusing {kept}", flush=True)
         return json.loads(kept.read_text())
@@ -423,7 +437,7 @@ def collect(a, work: Path, out: Path) -> dict:
             recs, partial = [], []
             for p in sorted((out / "seeds" / row[0]).glob("*seed*.json")):
                 r = json.loads(p.read_text())
-                if r.get("key", {}).get("settings") == settings(a):
+                if record_matches(r.get("key"), row, r["seed"], a):
                     (partial if p.name.startswith("partial_") else recs).append(r)
                     if "official" in r["key"]:
                         revs.add(r["key"]["official"])

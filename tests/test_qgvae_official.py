@@ -128,3 +128,27 @@ def test_results_rows_keep_seeds_and_partial_runs_apart(tmp_path):
     assert [p["steps"] for p in row["in_progress"]] == [700] and "key" not in row["per_seed"][0]
     md = qo.table([row])
     assert "partial: step 700" in md and "2/3 **partial**" in md
+
+
+def test_collect_keeps_only_the_records_of_this_runs_config(tmp_path):
+    """A kept record counts only where its key matches this run's (groupgen rows: the resolved config; the
+    official row: the notebook's revision where known, else the settings alone)."""
+    import types
+    a = types.SimpleNamespace(steps=1500, batch=32, eval_images=2000, threads=1, seeds=[0, 1],
+                              official_rev="unknown")
+    base = {"native_basis": "28x28 centre at offset 2", "psnr_native_per_image": 20.0, "psnr_native": 19.0,
+            "ssim_native": 0.7, "psnr_per_image": 21.0, "usage_mean": 0.9, "sec_per_step_median": 0.3, "steps": 1500}
+    gg = qo.ROWS[2]
+    stale = qo.seed_key(gg, 1, a)
+    stale["config"]["train"]["lr"] *= 2                        # trained under another preset
+    off = {"official": "abc123", "settings": qo.settings(a)}
+    for rid, seed, key in ((gg[0], 0, qo.seed_key(gg, 0, a)), (gg[0], 1, stale), ("official_code", 0, off),
+                           ("official_code", 1, {**off, "settings": {**off["settings"], "steps": 700}})):
+        p = tmp_path / "res" / "seeds" / rid / f"seed{seed}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({**base, "seed": seed, "key": key}))
+    rows = {r["row"]: r for r in qo.collect(a, tmp_path / "work", tmp_path / "res")["rows"]}
+    assert rows["gg_best"]["seeds"] == [0] and rows["official_code"]["seeds"] == [0]
+    a.official_rev = "def456"                                   # a run that knows the notebook: another revision
+    rows = {r["row"]: r for r in qo.collect(a, tmp_path / "work", tmp_path / "res")["rows"]}
+    assert "official_code" not in rows and rows["gg_best"]["seeds"] == [0]
