@@ -67,6 +67,20 @@ STUDIES = {
         ("mgvq_g8_k2048_2stage", "a", "MGVQ G8×2048 mask→fine-tune", "fmnist_mgvq_g8",
          MG8 + ["quantizer.nested_mask=true", SWITCH]),
     ],
+    # Equal bits where MGVQ claims to help (issue 23 item 4): 1,024 bits per image on the 8x8 grid (16 bits a
+    # position), one big codebook against sub-codebooks, product quantisation and the seed variants. Each row
+    # keeps its preset's latent width (VQ 8, MGVQ/PQ 32, RVQ/LFQ/EMA-VQ 16, FSQ 6: one dim per level).
+    "equal_bits_1024": [
+        ("eb_vq_g1_k65536", "d", "VQ G1×65536", "fmnist_vq", ["quantizer.codebook_size=65536"]),
+        ("eb_mgvq_g2_k256", "d", "MGVQ G2×256", "fmnist_mgvq_g4",
+         ["quantizer.groups=2", "quantizer.codebook_size=256", "quantizer.nested_mask=false"]),
+        ("eb_mgvq_g4_k16", "d", "MGVQ G4×16", "fmnist_mgvq_g4", ["quantizer.codebook_size=16", "quantizer.nested_mask=false"]),
+        ("eb_pq_g8_k4", "d", "PQ G8×4", "fmnist_pq", ["quantizer.groups=8", "quantizer.codebook_size=4"]),
+        ("eb_rvq_d2_k256", "d", "RVQ 2 depths×256", "fmnist_rvq", ["quantizer.groups=2", "quantizer.codebook_size=256"]),
+        ("eb_fsq_65536", "d", "FSQ 8,8,8,8,4,4", "fmnist_fsq", ["quantizer.levels=[8,8,8,8,4,4]", "model.embed_dim=6"]),
+        ("eb_lfq_8x2", "d", "LFQ 16 bits (8+8)", "fmnist_lfq", ["model.embed_dim=16", "quantizer.lfq_split=[8,8]"]),
+        ("eb_emavq_k65536", "d", "EMA-VQ 65536", "fmnist_emavq", ["quantizer.codebook_size=65536"]),
+    ],
     # the 2026-11-23 families: (b) equal bits (768/image), (c) QG-VAE vs VQ at 64 tokens x K 1024
     "tokenizer_ablation": [
         ("b_vq_g1_k4096", "b", "VQ G1×4096", "fmnist_vq", ["quantizer.codebook_size=4096"]),

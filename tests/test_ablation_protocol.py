@@ -118,3 +118,18 @@ def _ns(args):
 def test_protocol_refuses_fewer_than_three_seeds(tmp_path):
     with pytest.raises(SystemExit, match=">= 3"):
         ab.main(TINY[:4] + ["--seeds", "0,1"] + ["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("study,entries,bits", [("mgvq_equal_entries", 16384, None), ("equal_bits_1024", None, 1024)])
+def test_each_study_row_holds_its_equal_quantity(study, entries, bits):
+    """The studies compare at equal codebook entries (16,384) or equal bits per image (1,024): every row's
+    resolved tokenizer must have them, whatever its preset's defaults."""
+    from groupgen.config import load_config
+    from tokenizer.model import build_tokenizer
+    from tokenizer.train import TokenizerTrainConfig
+    for rid, _fam, _label, preset, overrides in ab.STUDIES[study]:
+        lay = build_tokenizer(load_config(TokenizerTrainConfig, ab.REPO / ab.CFG / f"{preset}.yaml", overrides)).layout
+        if entries is not None:
+            assert sum(lay.K) == entries, (rid, lay.K)
+        if bits is not None:
+            assert lay.L == 64 and ab.bits_per_image(lay.to_dict()) == bits, (rid, lay.L, lay.K)
