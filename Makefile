@@ -26,8 +26,10 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests $(ARGS)
 
+# the generation verdict (issue 23); COMPARE=configs/main/compare_fmnist.yaml runs the 512-bit comparison
+COMPARE ?= configs/main/compare_verdict_fmnist.yaml
 compare: setup
-	$(PY) -m pipeline.compare --config configs/main/compare_fmnist.yaml $(ARGS)
+	$(PY) -m pipeline.compare --config $(COMPARE) $(ARGS)
 
 # LlamaGen is never vendored: check it out elsewhere and pass LLAMAGEN=/path/to/LlamaGen.
 # Each script takes its own flags: AR_ARGS (ar_vs_llamagen.py), STORE_ARGS (token_store.py),

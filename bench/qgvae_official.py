@@ -49,7 +49,8 @@ from bench.common import REPO, key_matches, machine_info  # noqa: E402
 
 os.environ.setdefault("GROUPGEN_QUIET", "1")
 
-from bench.tokenizer_ablation import CFG, _fmt, ci95, native_cells, results_lock, write_results  # noqa: E402
+from bench.tokenizer_ablation import CFG, _fmt, native_cells, results_lock, write_results  # noqa: E402
+from eval.study_stats import ci95  # noqa: E402
 from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer  # noqa: E402
 from groupgen.config import load_config, to_dict  # noqa: E402
 from groupgen.data import DataConfig, build_dataset  # noqa: E402

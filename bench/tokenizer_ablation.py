@@ -44,6 +44,7 @@ os.environ.setdefault("GROUPGEN_QUIET", "1")  # no tqdm bars in the benchmark lo
 from groupgen.config import load_config, to_dict  # noqa: E402
 from groupgen.runs import read_jsonl, set_threads  # noqa: E402
 from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer  # noqa: E402
+from eval.study_stats import ci95, convergence  # noqa: E402
 from tokenizer.model import load_tokenizer  # noqa: E402
 from tokenizer.train import TokenizerTrainConfig, train  # noqa: E402
 
@@ -95,23 +96,6 @@ STUDIES = {
 
 def bits_per_image(layout: dict) -> float:
     return layout["L"] * sum(math.log2(k) for k in layout["K"])
-
-
-def ci95(xs: list[float]) -> float | None:
-    """Half-width of the 95% interval of the mean: t_{0.975, n-1} s / sqrt(n) (None below 2 values)."""
-    if len(xs) < 2:
-        return None
-    from scipy.stats import t
-    return float(t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs)))
-
-
-def convergence(curve: list[tuple[int, float]], steps: int, tol_db: float) -> dict:
-    """Held-out PSNR gain from the eval at (or just before) 80% of ``steps`` to the last eval."""
-    if not curve:
-        return {"gain_last_fifth_db": None, "converged": False}
-    before = [p for s, p in curve if s <= 0.8 * steps]
-    gain = curve[-1][1] - (before[-1] if before else curve[0][1])
-    return {"gain_last_fifth_db": gain, "converged": bool(gain < tol_db)}
 
 
 def next_target(steps: int, a) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from groupgen.checkpoint import atomic_write_text
 from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
 from groupgen.runs import read_jsonl, set_threads
+from eval.study_stats import ci95, convergence
 
 from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
 
@@ -58,6 +59,7 @@ class QualitySection:
     extractor: str = "domain"           # domain | inception
     overrides: list[str] = field(default_factory=list)     # eval.generation GenEvalConfig overrides
     real_baseline: bool = True          # same metric for real train vs ref (dataset refs only)
+    floor_draws: int = 5                # the equal-N floor: seeded draws of N real train images (0 = off)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class CompareConfig:
     quality: QualitySection = field(default_factory=QualitySection)
     stats: StatsSection = field(default_factory=StatsSection)
     redo: list[str] = field(default_factory=list)
+    results: str = ""    # also write the study's results.json here (one object per row; issue 23's format)
+    tok_conv_db: float = 0.2   # a tokenizer counts as converged when held-out PSNR gains less over its last fifth
 
     def validate(self):
         names = [spec.name for spec in self.layouts]
@@ -244,6 +248,19 @@ class Comparison:
         return self.stage(5, "eval", {"real_train": ref, "n": n, "hw": list(hw),
                                       "cfg": dataclasses.asdict(e_cfg)}, run)[1]
 
+    def fid_floor(self, n: int, hw: tuple[int, int]) -> dict | None:
+        """The equal-N floor (``eval.generation.fid_floor``, as the main job reports it): what real train
+        images score in the samples' place, over ``quality.floor_draws`` seeded draws."""
+        from eval.fidelity import parse_ref
+        from eval.generation import fid_floor
+
+        q = self.cfg.quality
+        if q.floor_draws < 1 or parse_ref(q.ref, "test")[0] != "dataset":
+            return None
+        return self.stage(5, "eval", {"floor": q.ref, "n": n, "hw": list(hw), "draws": q.floor_draws,
+                                      "cfg": dataclasses.asdict(self.e_cfg)},
+                          lambda d: fid_floor(q.ref, n, hw, self.e_cfg, q.floor_draws, 0, log=_log))[1]
+
     # ------------------------------------------------------------------------------- driver
     def run(self) -> dict:
         from groupgen.tokens import TokenStore
@@ -271,18 +288,21 @@ class Comparison:
                 runs.append({"seed": seed, "dir": str(ar_dir), "params": ar_res.get("params"),
                              "final_loss": ar_res.get("loss"), "points": points})
             rows.append(self.summarise(spec, tok, layout, runs))
-        base = None
+        base = floor = None
         first = next((p for r in rows for run in r["runs"] for p in run["points"]), None)
-        if first is not None:   # the yardstick at the same N and image size as the samples
+        if first is not None:   # the yardsticks at the same N and image size as the samples
             with np.load(first["samples"]) as z:
                 hw = tuple(int(v) for v in z["arr_0"].shape[1:3])
             base = self.real_baseline(first["num_samples"], hw)
-        result = {"rows": rows, "real_train_vs_ref": base, "config": to_dict(self.cfg),
+            floor = self.fid_floor(first["num_samples"], hw)
+        result = {"rows": rows, "real_train_vs_ref": base, "fid_floor": floor, "config": to_dict(self.cfg),
                   "extractor": self.cfg.quality.extractor, "ref": self.cfg.quality.ref,
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_text(self.out / "compare.json", json.dumps(result, indent=1, default=str))
         write_table(result, self.out / "compare.md")
         plot_quality(result, self.out / "quality_vs_steps.png")
+        if self.cfg.results:
+            write_study_results(result, Path(self.cfg.results))
         _log(f"done in {result['wall_seconds']:.0f}s: {self.out / 'compare.md'}")
         return result
 
@@ -295,14 +315,20 @@ class Comparison:
             row = {"step": s, "n_seeds": len(pts)}
             for k in ("fid", "is", "class_acc", "precision", "recall", "val_loss", "val_nll_bits"):
                 row[k], row[f"{k}_std"] = _mean_std([p.get(k) for p in pts])
+                row[f"{k}_ci95"] = ci95([float(p[k]) for p in pts if _finite(p.get(k)) is not None])
             curve.append(row)
         st = tok["stats"]
+        tok_curve = [(m["step"], m["eval_psnr"]) for m in read_jsonl(Path(tok["tok_dir"]) / "metrics.jsonl")
+                     if "eval_psnr" in m]
+        tok_steps = int(tok["tok_res"].get("step") or 0)
         rec, lay = st["recon"], st["layout"]
         return {
             "name": spec.name, "tokenizer": tok["tokenizer_config"], "tokenizer_overrides": spec.tokenizer.overrides,
             "ar_overrides": spec.ar_overrides, "layout": layout.to_dict(), "layout_text": layout.describe(),
             "L": layout.L, "G": layout.G, "K": list(layout.K), "bits_per_image": layout.bits_per_image,
             "recon": rec, "layout_stats": lay, "tokenizer_dir": tok["tok_dir"], "stores": tok["enc"],
+            "tokenizer_steps": tok_steps, "tokenizer_curve": tok_curve,
+            "tokenizer_convergence": convergence(tok_curve, tok_steps, self.cfg.tok_conv_db),
             "params": runs[0]["params"] if runs else None, "runs": runs, "curve": curve,
             "final": curve[-1] if curve else None,
             "best_fid": min((c for c in curve if c["fid"] is not None), key=lambda c: c["fid"], default=None),
@@ -310,6 +336,37 @@ class Comparison:
 
 
 # ----------------------------------------------------------------------------------- outputs
+FINAL_KEYS = ("fid", "class_acc", "val_nll_bits")
+
+
+def write_study_results(res: dict, path: Path) -> None:
+    """The study's results.json (issue 23): one object per row with its seeds, steps, convergence, bits,
+    reconstruction on the native basis, and the final generation numbers as mean and 95% t interval over
+    the AR seeds, beside the equal-N floor. One tokenizer per row: its PSNR has no interval over seeds."""
+    floor = res.get("fid_floor") or {}
+    rows = []
+    for r in res["rows"]:
+        fin, rec = r["final"] or {}, r["recon"]
+        ratio = fin["fid"] / floor["fid_mean"] if fin.get("fid") is not None and floor.get("fid_mean") else None
+        rows.append({
+            "row": r["name"], "seeds": [run["seed"] for run in r["runs"]], "steps": fin.get("step"),
+            "tokenizer_steps": r["tokenizer_steps"], "converged": r["tokenizer_convergence"]["converged"],
+            "gain_last_fifth_db": r["tokenizer_convergence"]["gain_last_fifth_db"],
+            "bits_per_image": r["bits_per_image"], "layout": r["layout_text"], "ar_overrides": r["ar_overrides"],
+            "psnr_native_mean": rec.get("psnr_native_per_image"), "psnr_native_ci95": None,
+            "usage_mean": rec.get("usage_mean"),
+            "fid_mean": fin.get("fid"), "fid_ci95": fin.get("fid_ci95"), "fid_floor": floor.get("fid_mean"),
+            "fid_ratio": ratio, "class_acc_mean": fin.get("class_acc"), "class_acc_ci95": fin.get("class_acc_ci95"),
+            "nll_bits_per_image": fin.get("val_nll_bits"), "nll_bits_ci95": fin.get("val_nll_bits_ci95"),
+            "per_seed": [{"seed": run["seed"], **{k: run["points"][-1].get(k) for k in FINAL_KEYS}}
+                         for run in r["runs"] if run["points"]],
+        })
+    out = {"study": path.parent.name, "extractor": res["extractor"], "ref": res["ref"], "fid_floor": floor or None,
+           "config": res["config"], "rows": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out, indent=1, default=str))
+
+
 def _fmt(x, nd=2) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
@@ -353,6 +410,11 @@ def write_table(res: dict, path: Path) -> None:
     lines.append("")
     if bits and max(bits) > 1.05 * min(bits):
         lines.append(f"**Note:** bits per image differ by more than 5 % ({min(bits):.0f}–{max(bits):.0f}).")
+    fl = res.get("fid_floor")
+    if fl:
+        lines.append(f"Equal-N floor: {fl['draws']} draws of N={fl['n']} real train images scored like the samples: "
+                     f"FID {fl['fid_mean']:.3f} ± {fl['fid_std']:.3f} (range {fl['fid_min']:.3f}–"
+                     f"{fl['fid_max']:.3f}).")
     b = res.get("real_train_vs_ref")
     if b:
         lines.append(f"Yardstick: real train images vs `{res['ref']}` with the same metric and N={b['num_samples']}: "

@@ -28,6 +28,7 @@ def tiny_overrides(out: Path, cache: Path) -> list[str]:
         "quality.every=10", "quality.sampling.overrides=[per_class=3,cfg_scale=3.0,batch_size=30,precision=fp32]",
         f"quality.overrides=[cache={cache},ref_n=300,isc_splits=1,{TINY_DOMAIN}]",
         "stats.recon_images=128", "stats.layout_overrides=[spm_train_images=100,spm_eval_images=50,spm_extra_vocab=64]",
+        "quality.floor_draws=2", f"results={out.parent / 'study' / 'results.json'}",
     ]
 
 
@@ -59,7 +60,21 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
         assert r["params"] > 0 and r["final"]["step"] == 20
     base = saved["real_train_vs_ref"]
     assert base["num_samples"] == 30 and base["fid"] < min(c["fid"] for r in rows.values() for c in r["curve"])
+    fl = saved["fid_floor"]   # the equal-N floor: real train images at the samples' N, two seeded draws
+    assert (fl["n"], fl["draws"], fl["seeds"]) == (30, 2, [0, 1]) and 0 < fl["fid_mean"] == pytest.approx(
+        sum(fl["fid"]) / 2)
+    study = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert [r["row"] for r in study["rows"]] == ["vq_g1", "mgvq_g4_subtoken"]
+    for sr in study["rows"]:
+        r = rows[sr["row"]]
+        assert sr["seeds"] == [0] and sr["steps"] == 20 and sr["tokenizer_steps"] == 8
+        assert sr["bits_per_image"] == pytest.approx(512.0) and sr["fid_floor"] == fl["fid_mean"]
+        assert sr["fid_mean"] == r["final"]["fid"] and sr["fid_ratio"] == pytest.approx(sr["fid_mean"] / fl["fid_mean"])
+        assert sr["fid_ci95"] is None                                    # one AR seed: no interval
+        assert sr["nll_bits_per_image"] == r["final"]["val_nll_bits"]
+        assert sr["psnr_native_mean"] == r["recon"]["psnr_native_per_image"] and sr["converged"] is False
     md = (out / "compare.md").read_text()
+    assert "Equal-N floor: 2 draws of N=30" in md
     assert md.count("| vq_g1 |") == 1 and md.count("| mgvq_g4_subtoken |") == 1
     # intermediate AR checkpoints keep weights for sampling but drop the DeepSpeed state
     ar_dirs = sorted((out / "stages").glob("3_ar-*"))
@@ -128,3 +143,33 @@ def test_make_bench_needs_llamagen_and_gives_each_script_its_own_args(tmp_path):
     assert lines["bench/token_store.py"].endswith("token_store.py --n 10")
     assert lines["bench/tokenizer_speed.py"].endswith("tokenizer_speed.py --batch 1")
     assert "--nope" not in r.stdout
+
+
+def test_the_verdict_rows_train_their_priors_for_equal_flops():
+    """configs/main/compare_verdict_fmnist.yaml holds the prior's training compute equal across layouts and
+    heads: FLOPs of one step (fwd + bwd, counted by torch on the meta device, where the model runs plain
+    PyTorch ops) x the row's steps agree within 0.1%."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ar_model import GPT
+    from ar_model.train import ARTrainConfig, resolve_gpt_config
+    from tokenizer.model import build_tokenizer
+    from tokenizer.train import TokenizerTrainConfig
+
+    cfg = load_config(CompareConfig, "configs/main/compare_verdict_fmnist.yaml")
+    budgets = {}
+    for spec in cfg.rows():
+        lay = build_tokenizer(load_config(TokenizerTrainConfig, spec.tokenizer.config,
+                                          spec.tokenizer.overrides + cfg.tokenizer_overrides)).layout
+        ar = load_config(ARTrainConfig, cfg.ar.config, cfg.ar.overrides + spec.ar_overrides)
+        gpt = GPT(resolve_gpt_config(ar.model), lay, 10).to("meta")
+        gpt.check_inputs = False
+        with torch.device("meta"):
+            codes = torch.zeros(ar.train.batch_size, lay.L, lay.G, dtype=torch.long)
+            with FlopCounterMode(display=False) as fc:
+                gpt.loss(codes, torch.zeros(ar.train.batch_size, dtype=torch.long))[0].backward()
+        budgets[spec.name] = fc.get_total_flops() * ar.train.steps
+    lo, hi = min(budgets.values()), max(budgets.values())
+    assert hi / lo < 1.001, budgets
+    assert len(budgets) == 6 and lo > 6e13                       # 4,800 steps x 12.9 GFLOP
