@@ -500,3 +500,20 @@ def test_first_tokenizer_losses_are_bit_equal_with_1_and_2_threads(tmp_path):
     for a, b in zip(rows[1], rows[2]):
         for k in ("loss", "grad_norm", "l2", "vq"):
             assert a[k] == b[k], (a["step"], k, a[k], b[k])
+
+
+def test_trainer_resumes_a_checkpoint_that_predates_a_config_field_at_its_default(tmp_path):
+    """A field added after a checkpoint was written (quantizer.revive_pick) counts at its default, which is
+    the behaviour the checkpoint trained under; any other value is still refused."""
+    import json
+
+    train(train_cfg(2, ckpt_every=2), tmp_path / "r")
+    meta_file = latest_checkpoint(tmp_path / "r" / "checkpoints") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["config"]["quantizer"]["revive_pick"]               # as written before the field existed
+    meta_file.write_text(json.dumps(meta))
+    cfg = train_cfg(4, ckpt_every=2)
+    cfg.quantizer.revive_pick = "d2"
+    with pytest.raises(Exception, match=r"config differs \(quantizer.revive_pick: checkpoint 'uniform' vs now 'd2'"):
+        train(cfg, tmp_path / "r")
+    assert train(train_cfg(4, ckpt_every=2), tmp_path / "r")["step"] == 4

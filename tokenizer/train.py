@@ -159,13 +159,15 @@ def save_recon_strip(x: torch.Tensor, xrec: torch.Tensor, path: Path) -> None:
 # ----------------------------------------------------------------------------- trainer
 
 def _check_resume(cfg: TokenizerTrainConfig, meta: dict, ck: Path) -> None:
-    now, old = to_dict(cfg), meta.get("config", {})
+    # a field the checkpoint predates counts at its default (a field added later defaults to the old behaviour)
+    now, old, dflt = to_dict(cfg), meta.get("config", {}), to_dict(TokenizerTrainConfig())
     diffs = []
     for key in _RESUME_KEYS:
-        a, b = now, old
+        a, b, d = now, old, dflt
         for p in key.split("."):
-            a, b = a.get(p) if isinstance(a, dict) else None, b.get(p) if isinstance(b, dict) else None
+            a, b, d = (x.get(p) if isinstance(x, dict) else None for x in (a, b, d))
         if isinstance(a, dict) and isinstance(b, dict):
+            b = {**(d if isinstance(d, dict) else {}), **b}
             diffs += [f"{key}.{k}: checkpoint {b.get(k)!r} vs now {a.get(k)!r}" for k in sorted(set(a) | set(b))
                       if _norm(a.get(k)) != _norm(b.get(k))]
         elif _norm(a) != _norm(b):
