@@ -374,7 +374,7 @@ def _fmt(x, nd=2) -> str:
 def _pm(row: dict | None, k: str, nd=2) -> str:
     if not row or row.get(k) is None:
         return "n/a"
-    s = row.get(f"{k}_std")
+    s = row.get(f"{k}_ci95")
     return _fmt(row[k], nd) + (f" ± {s:.{nd}f}" if s is not None else "")
 
 
@@ -387,7 +387,7 @@ def write_table(res: dict, path: Path) -> None:
         f"(`{cfg['quality']['sampling']['config']}` + `{cfg['quality']['sampling']['overrides']}`), "
         f"extractor `{res['extractor']}` vs `{res['ref']}`. Bits = L·Σ_g log2 K_g. Val NLL = AR validation loss "
         "× L·G / ln 2 (bits per image; comparable across layouts, unlike the per-token loss). "
-        "± = std over seeds.", "",
+        "± = 95% t interval of the mean over seeds (none with one seed).", "",
         "| layout | tokenizer | positions × groups | K | bits/img | PSNR (dB) | usage | Σ pos. entropy (bits) "
         "| SPM tokens/img (ratio) | AR params | val loss | val NLL (bits/img) | FID (final) | class acc (final) "
         "| best FID @ step | FID by step |",

@@ -28,7 +28,7 @@ def tiny_overrides(out: Path, cache: Path) -> list[str]:
         "quality.every=10", "quality.sampling.overrides=[per_class=3,cfg_scale=3.0,batch_size=30,precision=fp32]",
         f"quality.overrides=[cache={cache},ref_n=300,isc_splits=1,{TINY_DOMAIN}]",
         "stats.recon_images=128", "stats.layout_overrides=[spm_train_images=100,spm_eval_images=50,spm_extra_vocab=64]",
-        "quality.floor_draws=2", f"results={out.parent / 'study' / 'results.json'}",
+        "quality.floor_draws=2", f"results={out.parent / 'study' / 'results.json'}", "seeds=[0,1]",
     ]
 
 
@@ -67,10 +67,11 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert [r["row"] for r in study["rows"]] == ["vq_g1", "mgvq_g4_subtoken"]
     for sr in study["rows"]:
         r = rows[sr["row"]]
-        assert sr["seeds"] == [0] and sr["steps"] == 20 and sr["tokenizer_steps"] == 8
+        assert sr["seeds"] == [0, 1] and sr["steps"] == 20 and sr["tokenizer_steps"] == 8
         assert sr["bits_per_image"] == pytest.approx(512.0) and sr["fid_floor"] == fl["fid_mean"]
         assert sr["fid_mean"] == r["final"]["fid"] and sr["fid_ratio"] == pytest.approx(sr["fid_mean"] / fl["fid_mean"])
-        assert sr["fid_ci95"] is None                                    # one AR seed: no interval
+        fids = [p["fid"] for p in sr["per_seed"]]                        # 95% t interval over the 2 AR seeds
+        assert len(set(fids)) == 2 and sr["fid_ci95"] == pytest.approx(12.7062047 * np.std(fids, ddof=1) / math.sqrt(2))
         assert sr["nll_bits_per_image"] == r["final"]["val_nll_bits"]
         assert sr["psnr_native_mean"] == r["recon"]["psnr_native_per_image"] and sr["converged"] is False
     md = (out / "compare.md").read_text()
@@ -78,7 +79,7 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert md.count("| vq_g1 |") == 1 and md.count("| mgvq_g4_subtoken |") == 1
     # intermediate AR checkpoints keep weights for sampling but drop the DeepSpeed state
     ar_dirs = sorted((out / "stages").glob("3_ar-*"))
-    assert len(ar_dirs) == 2
+    assert len(ar_dirs) == 4                                             # 2 rows x 2 AR seeds
     assert not (ar_dirs[0] / "checkpoints" / "step_00000010" / "engine").exists()
     assert (ar_dirs[0] / "checkpoints" / "step_00000020" / "engine").is_dir()
 
