@@ -38,7 +38,7 @@ from groupgen.config import ConfigError, config_hash, load_config, save_config, 
 from groupgen.runs import read_jsonl, set_threads
 from eval.study_stats import ci95, convergence
 
-from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores
+from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores, ratios
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
 
@@ -347,7 +347,7 @@ def write_study_results(res: dict, path: Path) -> None:
     rows = []
     for r in res["rows"]:
         fin, rec = r["final"] or {}, r["recon"]
-        ratio = fin["fid"] / floor["fid_mean"] if fin.get("fid") is not None and floor.get("fid_mean") else None
+        ratio = ratios(fin, floor).get("fid_ratio") if fin.get("fid") is not None else None
         rows.append({
             "row": r["name"], "seeds": [run["seed"] for run in r["runs"]], "steps": fin.get("step"),
             "tokenizer_steps": r["tokenizer_steps"], "converged": r["tokenizer_convergence"]["converged"],

@@ -140,7 +140,7 @@ def bf16_trains_faster() -> bool:
     AMX): the demo's tiny prior trains at 1.39x fp32's tokens/s (BENCHMARKS.md, issue 24, session 16).
     The CPU alone decides it: oneDNN, not groupgen's kernels, runs these GEMMs."""
     prof = cpu_profile()
-    return prof.amx_bf16 or (prof.avx512f and "avx512_bf16" in prof.flags and prof.vendor != "GenuineIntel")
+    return prof.amx_bf16 or (prof.avx512f and not bf16_fma_preferred())
 
 
 def unavailable_reason() -> str:
