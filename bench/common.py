@@ -216,15 +216,6 @@ def write_json(path: str | Path | None, obj: dict) -> None:
         Path(path).write_text(json.dumps(obj, indent=1, default=str))
 
 
-def _with_defaults(d, defaults):
-    if not isinstance(d, dict) or not isinstance(defaults, dict):
-        return d
-    out = {k: _with_defaults(v, defaults.get(k)) for k, v in d.items()}
-    for k, v in defaults.items():
-        out.setdefault(k, v)
-    return out
-
-
 @functools.lru_cache(maxsize=1)
 def _tokenizer_defaults_json() -> str:
     """The tokenizer train config's defaults as JSON, built once (collect matches every kept record)."""
@@ -238,8 +229,10 @@ def key_matches(old, key: dict) -> bool:
     """A kept seed record's key (``{"config": <tokenizer train config>, ...}``) equals ``key`` once the
     config fields it predates take their defaults (a field added later defaults to the old behaviour), so
     records written before it are still reused; everything outside ``config`` must match as is."""
+    from groupgen.config import with_defaults
+
     if not isinstance(old, dict):
         return False
     if isinstance(old.get("config"), dict):
-        old = {**old, "config": _with_defaults(old["config"], json.loads(_tokenizer_defaults_json()))}
+        old = {**old, "config": with_defaults(old["config"], json.loads(_tokenizer_defaults_json()))}
     return old == key

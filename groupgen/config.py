@@ -206,6 +206,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` (a config dict read back from a checkpoint or a record) with every field it predates set
+    to its value in ``defaults``: a field added later defaults to the old behaviour, so what was saved
+    before it still matches a config that leaves it at its default."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    out = {k: with_defaults(v, defaults.get(k)) for k, v in saved.items()}
+    for k, v in defaults.items():
+        out.setdefault(k, v)
+    return out
+
+
 def config_hash(cfg: Any, n: int = 12) -> str:
     """A stable short hash of a config (or a dict), used to key cached pipeline stages."""
     d = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from groupgen import checkpoint as ck
-from groupgen.config import ConfigError, config_hash, load_config
+from groupgen.config import ConfigError, config_hash, load_config, to_dict, with_defaults
 from groupgen.data import DataConfig, DataError, build_dataset, fmnist_arrays
 from groupgen.layout import LayoutError, TokenLayout
 from groupgen.tokens import TokenStore, TokenStoreError, TokenStoreWriter
@@ -38,6 +38,15 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.flag is True and cfg.groups == [4, 5] and cfg.train.betas == (0.5, 0.6)
     assert config_hash(cfg) == config_hash(load_config(Outer, p, ["train.lr=0.003", "flag=1", "groups=[4,5]",
                                                                   "train.betas=[0.5,0.6]"]))
+
+
+def test_with_defaults_fills_only_the_fields_a_saved_config_predates():
+    saved = to_dict(load_config(Outer, None, ["train.lr=3e-3"]))
+    del saved["train"]["steps"], saved["flag"]      # written before these fields existed
+    filled = with_defaults(saved, to_dict(Outer()))
+    assert filled == to_dict(load_config(Outer, None, ["train.lr=3e-3"]))   # kept values stay, missing = default
+    assert filled["train"]["lr"] == 3e-3 and filled["train"]["steps"] == Inner().steps
+    assert with_defaults(None, to_dict(Outer())) is None and with_defaults(5, {}) == 5
 
 
 def test_config_unknown_key_names_closest(tmp_path):

@@ -23,7 +23,7 @@ import torch
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors,
                                  rng_state, save_checkpoint, set_rng_state)
 from groupgen.cli import user_errors
-from groupgen.config import ConfigError, load_config, save_config, to_dict
+from groupgen.config import ConfigError, load_config, save_config, to_dict, with_defaults
 from groupgen import distributed
 from groupgen.data import DataConfig, build_dataset, write_skipped
 from groupgen.loader import StepBatches, image_batches
@@ -160,14 +160,14 @@ def save_recon_strip(x: torch.Tensor, xrec: torch.Tensor, path: Path) -> None:
 
 def _check_resume(cfg: TokenizerTrainConfig, meta: dict, ck: Path) -> None:
     # a field the checkpoint predates counts at its default (a field added later defaults to the old behaviour)
-    now, old, dflt = to_dict(cfg), meta.get("config", {}), to_dict(TokenizerTrainConfig())
+    now, old = to_dict(cfg), meta.get("config") or {}
+    old = with_defaults(old, to_dict(TokenizerTrainConfig())) if old else old
     diffs = []
     for key in _RESUME_KEYS:
-        a, b, d = now, old, dflt
+        a, b = now, old
         for p in key.split("."):
-            a, b, d = (x.get(p) if isinstance(x, dict) else None for x in (a, b, d))
+            a, b = (x.get(p) if isinstance(x, dict) else None for x in (a, b))
         if isinstance(a, dict) and isinstance(b, dict):
-            b = {**(d if isinstance(d, dict) else {}), **b}
             diffs += [f"{key}.{k}: checkpoint {b.get(k)!r} vs now {a.get(k)!r}" for k in sorted(set(a) | set(b))
                       if _norm(a.get(k)) != _norm(b.get(k))]
         elif _norm(a) != _norm(b):
