@@ -73,6 +73,7 @@ class StatsSection:
 class CompareConfig:
     out: str = "runs/compare_fmnist"
     threads: int = 2
+    jobs: int = 1        # > 1: rows trained by that many worker processes (pipeline/parallel.py), each at `threads`
     layouts: list[LayoutSpec] = field(default_factory=list)
     select: list[str] = field(default_factory=list)   # row names; [] = all non-extra rows; [all] = every row
     tokenizer_overrides: list[str] = field(default_factory=list)   # appended to every row's tokenizer
@@ -98,6 +99,8 @@ class CompareConfig:
         bad = [s for s in self.redo if s not in valid]
         if bad:
             raise ConfigError(f"redo: unknown stages {bad}; valid: {list(valid)}")
+        if self.jobs < 1:
+            raise ConfigError(f"jobs must be >= 1, got {self.jobs}")
         if not self.seeds:
             raise ConfigError("seeds: give at least one AR seed")
         if self.quality.every < 0:
@@ -262,7 +265,9 @@ class Comparison:
                           lambda d: fid_floor(q.ref, n, hw, self.e_cfg, q.floor_draws, 0, log=_log))[1]
 
     # ------------------------------------------------------------------------------- driver
-    def run(self) -> dict:
+    def run(self, rows_only: bool = False) -> dict:
+        """Every selected row (tokenizer, priors, quality), then the yardsticks and the outputs;
+        ``rows_only``: stop after the rows (a worker of ``--jobs``; its caller collects)."""
         from groupgen.tokens import TokenStore
 
         t0 = time.perf_counter()
@@ -288,6 +293,8 @@ class Comparison:
                 runs.append({"seed": seed, "dir": str(ar_dir), "params": ar_res.get("params"),
                              "final_loss": ar_res.get("loss"), "points": points})
             rows.append(self.summarise(spec, tok, layout, runs))
+        if rows_only:
+            return {"rows": rows}
         base = floor = None
         first = next((p for r in rows for run in r["runs"] for p in run["points"]), None)
         if first is not None:   # the yardsticks at the same N and image size as the samples
@@ -460,13 +467,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/compare_fmnist.yaml")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. out=runs/x 'select=[vq,mgvq_g4_ind]'")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)   # a worker of jobs > 1
     args = ap.parse_args(argv)
     try:
         cfg = load_config(CompareConfig, args.config, args.overrides)
     except ConfigError as e:
         ap.error(str(e))
+    if cfg.jobs > 1 and not args.rows_only:
+        from .parallel import deal_rows, run_workers, worker_commands
+
+        keys = [(s.name, (s.tokenizer.config, tuple(s.tokenizer.overrides))) for s in cfg.rows()]
+        run_workers(worker_commands(args.config, args.overrides, deal_rows(keys, cfg.jobs)), log=_log)
     set_threads(cfg.threads)
-    return Comparison(cfg).run()
+    return Comparison(cfg).run(rows_only=args.rows_only)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,28 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert [c["fid"] for r in res2["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
 
 
+def test_jobs_deal_rows_sharing_a_tokenizer_to_one_worker():
+    from pipeline.parallel import deal_rows, worker_commands
+
+    rows = [("vq", "a"), ("g4_ind", "b"), ("g8_ind", "c"), ("qg", "d"), ("g4_sub", "b"), ("g8_sub", "c")]
+    assert deal_rows(rows, 2) == [["vq", "g8_ind", "g8_sub"], ["g4_ind", "g4_sub", "qg"]]
+    assert deal_rows(rows, 9) == [["vq"], ["g4_ind", "g4_sub"], ["g8_ind", "g8_sub"], ["qg"]]   # no idle worker
+    assert deal_rows(rows, 1) == [["vq", "g4_ind", "g4_sub", "g8_ind", "g8_sub", "qg"]]
+    cmd = worker_commands("c.yaml", ["out=x", "select=[vq,qg]"], [["vq"], ["qg"]])[1]
+    assert cmd[-2:] == ["select=[qg]", "--rows-only"] and cmd[cmd.index("--config") + 1] == "c.yaml"
+
+
+def test_jobs_2_trains_the_rows_in_two_processes_to_the_same_numbers(tmp_path):
+    # two workers (one row each, 1 thread), then one collecting process: the same numbers as one process
+    common = [o for o in tiny_overrides(tmp_path / "x", tmp_path / "cache") if not o.startswith(("out=", "seeds="))]
+    one = main(["--config", CONFIG, *common, f"out={tmp_path / 'one'}", "seeds=[0]"])
+    two = main(["--config", CONFIG, "jobs=2", *common, f"out={tmp_path / 'two'}", "seeds=[0]"])
+    fids = lambda res: [(r["name"], c["step"], c["fid"]) for r in res["rows"] for c in r["curve"]]
+    assert fids(two) == fids(one) and len(fids(one)) == 4
+    assert len(list((tmp_path / "two" / "stages").glob("3_ar-*"))) == 2
+    assert two["fid_floor"]["fid"] == one["fid_floor"]["fid"]
+
+
 def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
     cfg = load_config(CompareConfig, CONFIG)
     names = [r.name for r in cfg.rows()]
