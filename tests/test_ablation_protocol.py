@@ -20,6 +20,22 @@ def test_ci95_is_the_student_t_half_width():
     assert ab.ci95([20.0]) is None
 
 
+def test_paired_difference_matches_seeds_and_reads_a_results_file(tmp_path, capsys):
+    from eval.study_stats import main, paired_difference
+
+    p = paired_difference({0: 30.0, 1: 29.5, 2: 29.0, 3: 1.0}, {0: 29.0, 1: 30.0, 2: 28.0})   # seed 3 unpaired
+    assert p["seeds"] == [0, 1, 2] and p["diffs"] == [1.0, -0.5, 1.0] and p["negative"] == 1
+    assert math.isclose(p["mean"], 0.5) and math.isclose(p["ci95"], ab.ci95([1.0, -0.5, 1.0]))
+    res = {"rows": [{"row": "a", "per_seed": [{"seed": 0, "psnr_native_per_image": 2.0}, {"seed": 1, "psnr_native_per_image": 4.0}]},
+                    {"row": "b", "per_seed": [{"seed": 1, "psnr_native_per_image": 1.0}, {"seed": 0, "psnr_native_per_image": 1.5}]}]}
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps(res))
+    out = main([str(f), "--paired", "a,b"])
+    assert out[0]["diffs"] == [0.5, 3.0] and "+1.75" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no row 'c'"):
+        main([str(f), "--paired", "a,c"])
+
+
 def test_convergence_window_and_growth():
     curve = [(s, p) for s, p in zip(range(100, 1001, 100), [10, 12, 13, 14, 14.5, 14.8, 15, 15.1, 15.15, 15.2])]
     c = ab.convergence(curve, 1000, 0.2)       # eval at 800 (15.1) -> 1000 (15.2): +0.1 dB
