@@ -14,7 +14,8 @@ Rows, each trained for ``--steps`` steps at batch ``--batch`` per seed on groupg
   2e-4, its losses, its codebook resets), run as released: one epoch of ``--steps`` batches; images go
   in on [0, 1] like its ``ToTensor`` loader gives them;
 * ``gg_official``: groupgen's QG-VAE with that recipe (``configs/tokenizer/fmnist_qgvae_official.yaml``);
-* ``gg_best``: groupgen's QG-VAE preset (``configs/tokenizer/fmnist_qgvae.yaml``).
+* ``gg_best``: groupgen's QG-VAE preset (``configs/tokenizer/fmnist_qgvae.yaml``);
+* ``gg_candidate``: that preset with ``CANDIDATE``'s overrides, the next preset if its seeds say so.
 
 Every row is scored by ``eval.reconstruction.evaluate_tokenizer`` (the official model through
 ``OfficialTokenizer``, an adapter with ``encode``/``decode_codes``) on ``--eval-images`` test images:
@@ -62,11 +63,15 @@ from tokenizer.train import BatchOrder, TokenizerTrainConfig, train  # noqa: E40
 
 STUDY = "qgvae_official"
 NOTEBOOK = "QG-VAE.ipynb"
-# (id, label, preset or None for the official code)
+# (id, label, preset or None for the official code, overrides on the preset)
+CANDIDATE = ["quantizer.beta=0.25", "quantizer.codebook_weight=1.0", "quantizer.l2_norm=true",
+             "quantizer.ordered_dropout_p=0"]   # BENCHMARKS.md "QG-VAE growth rule", session 17: V
 ROWS = [
-    ("official_code", "official notebook code (DaiDaiLoh/QG-VAE)", None),
-    ("gg_official", "groupgen, official recipe (fmnist_qgvae_official)", "fmnist_qgvae_official"),
-    ("gg_best", "groupgen, best preset (fmnist_qgvae)", "fmnist_qgvae"),
+    ("official_code", "official notebook code (DaiDaiLoh/QG-VAE)", None, []),
+    ("gg_official", "groupgen, official recipe (fmnist_qgvae_official)", "fmnist_qgvae_official", []),
+    ("gg_best", "groupgen, best preset (fmnist_qgvae)", "fmnist_qgvae", []),
+    ("gg_candidate", "groupgen, candidate (fmnist_qgvae + VQ-VAE loss weights, cosine lookup, no ordered dropout)",
+     "fmnist_qgvae", CANDIDATE),
 ]
 
 # The official recipe as the notebook states it (cell numbers: code and markdown cells counted from 0
@@ -337,12 +342,17 @@ def score(ev: dict) -> dict:
                                "ssim_native", "native_basis", "usage_mean", "perplexity_mean", "images")}
 
 
+def row_config(row, seed: int, a) -> TokenizerTrainConfig:
+    """A groupgen row's training config: its preset, its overrides, then the run settings."""
+    return load_config(TokenizerTrainConfig, REPO / CFG / f"{row[2]}.yaml", row[3] + group_overrides(a, seed))
+
+
 def seed_key(row, seed: int, a) -> dict:
     """What a seed's result depends on: the official notebook's revision, or groupgen's resolved config;
     and the run settings."""
     if row[2] is None:
         return {"official": a.official_rev, "settings": settings(a)}
-    cfg = load_config(TokenizerTrainConfig, REPO / CFG / f"{row[2]}.yaml", group_overrides(a, seed))
+    cfg = row_config(row, seed, a)
     return json.loads(json.dumps({"config": to_dict(cfg), "settings": settings(a)}, default=str))
 
 
@@ -356,7 +366,7 @@ def record_matches(old, row, seed: int, a) -> bool:
 
 
 def run_seed(row, seed: int, a, work: Path, results: Path, nb: dict | None) -> dict:
-    rid, label, preset = row
+    rid, label, preset, _ = row
     out = work / rid / f"seed{seed}"
     kept = results / "seeds" / rid / f"seed{seed}.json"
     key = seed_key(row, seed, a)
@@ -383,7 +393,7 @@ def run_seed(row, seed: int, a, work: Path, results: Path, nb: dict | None) -> d
         extra = {"adapter_max_abs_diff": gap}
         times = times[1:]   # the first step (allocation, warm-up) left out
     else:
-        res = train(cfg, out)
+        res = train(row_config(row, seed, a), out)
         if res.get("interrupted"):
             raise SystemExit(f"[{rid} seed {seed}] interrupted; rerun to resume")
         wall = time.perf_counter() - w0
@@ -411,7 +421,7 @@ def run_seed(row, seed: int, a, work: Path, results: Path, nb: dict | None) -> d
 def summarize_row(row, recs: list[dict], seeds: list[int], partial: list[dict]) -> dict:
     """Mean and 95% t interval over the finished seeds; ``in_progress``: seeds cut short, scored at
     the step they reached (not in the means)."""
-    rid, label, preset = row
+    rid, label, preset, _ = row
     strip = lambda r: {k: v for k, v in r.items() if k != "key"}  # noqa: E731
     if not recs:
         return {"row": rid, "label": label, "preset": f"{CFG}/{preset}.yaml" if preset else None, "seeds": [],
