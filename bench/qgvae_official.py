@@ -14,8 +14,7 @@ Rows, each trained for ``--steps`` steps at batch ``--batch`` per seed on groupg
   2e-4, its losses, its codebook resets), run as released: one epoch of ``--steps`` batches; images go
   in on [0, 1] like its ``ToTensor`` loader gives them;
 * ``gg_official``: groupgen's QG-VAE with that recipe (``configs/tokenizer/fmnist_qgvae_official.yaml``);
-* ``gg_best``: groupgen's QG-VAE preset (``configs/tokenizer/fmnist_qgvae.yaml``);
-* ``gg_candidate``: that preset with ``CANDIDATE``'s overrides, the next preset if its seeds say so.
+* ``gg_best``: groupgen's QG-VAE preset (``configs/tokenizer/fmnist_qgvae.yaml``).
 
 Every row is scored by ``eval.reconstruction.evaluate_tokenizer`` (the official model through
 ``OfficialTokenizer``, an adapter with ``encode``/``decode_codes``) on ``--eval-images`` test images:
@@ -63,15 +62,12 @@ from tokenizer.train import BatchOrder, TokenizerTrainConfig, train  # noqa: E40
 
 STUDY = "qgvae_official"
 NOTEBOOK = "QG-VAE.ipynb"
-# (id, label, preset or None for the official code, overrides on the preset)
-CANDIDATE = ["quantizer.beta=0.25", "quantizer.codebook_weight=1.0", "quantizer.l2_norm=true",
-             "quantizer.ordered_dropout_p=0"]   # BENCHMARKS.md "QG-VAE growth rule", session 17: V
+# (id, label, preset or None for the official code, overrides on the preset: a candidate preset runs as a
+# row of its own until its seeds say whether it replaces the best one)
 ROWS = [
     ("official_code", "official notebook code (DaiDaiLoh/QG-VAE)", None, []),
     ("gg_official", "groupgen, official recipe (fmnist_qgvae_official)", "fmnist_qgvae_official", []),
     ("gg_best", "groupgen, best preset (fmnist_qgvae)", "fmnist_qgvae", []),
-    ("gg_candidate", "groupgen, candidate (fmnist_qgvae + VQ-VAE loss weights, cosine lookup, no ordered dropout)",
-     "fmnist_qgvae", CANDIDATE),
 ]
 
 # The official recipe as the notebook states it (cell numbers: code and markdown cells counted from 0

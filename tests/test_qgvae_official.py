@@ -154,16 +154,18 @@ def test_collect_keeps_only_the_records_of_this_runs_config(tmp_path):
     assert "official_code" not in rows and rows["gg_best"]["seeds"] == [0]
 
 
-def test_a_groupgen_row_trains_with_its_overrides_scores_and_is_reused(tmp_path, capsys):
-    args = ["--rows", "gg_candidate", "--seeds", "0", "--steps", "2", "--eval-images", "16",
+def test_a_groupgen_row_trains_with_its_overrides_scores_and_is_reused(tmp_path, capsys, monkeypatch):
+    row = ("gg_try", "a candidate", "fmnist_qgvae", ["quantizer.beta=0.5", "quantizer.l2_norm=false"])
+    monkeypatch.setattr(qo, "ROWS", qo.ROWS + [row])
+    args = ["--rows", "gg_try", "--seeds", "0", "--steps", "2", "--eval-images", "16",
             "--out", str(tmp_path / "res"), "--work", str(tmp_path / "work")]
-    row = qo.main(args)["rows"][0]
-    assert row["row"] == "gg_candidate" and row["seeds"] == [0] and row["steps"] == [2]
-    assert math.isfinite(row["psnr_native_mean"]) and 0 < row["usage_mean"] <= 1
-    kept = json.loads((tmp_path / "res" / "qgvae_official" / "seeds" / "gg_candidate" / "seed0.json").read_text())
+    got = qo.main(args)["rows"][-1]
+    assert got["row"] == "gg_try" and got["seeds"] == [0] and got["steps"] == [2]
+    assert math.isfinite(got["psnr_native_mean"]) and 0 < got["usage_mean"] <= 1
+    kept = json.loads((tmp_path / "res" / "qgvae_official" / "seeds" / "gg_try" / "seed0.json").read_text())
     q = kept["key"]["config"]["quantizer"]      # the preset with the row's overrides, as trained
-    assert (q["beta"], q["codebook_weight"], q["l2_norm"], q["ordered_dropout_p"]) == (0.25, 1.0, True, 0.0)
+    assert (q["beta"], q["l2_norm"], q["codebook_size"]) == (0.5, False, 512)
     assert kept["key"]["config"]["train"]["steps"] == 2 and kept["images"] == 16
     capsys.readouterr()
-    assert qo.main(args)["rows"][0]["psnr_native_mean"] == row["psnr_native_mean"]
-    assert "[gg_candidate seed 0] reusing" in capsys.readouterr().out
+    assert qo.main(args)["rows"][-1]["psnr_native_mean"] == got["psnr_native_mean"]
+    assert "[gg_try seed 0] reusing" in capsys.readouterr().out
