@@ -45,15 +45,18 @@ def run_workers(cmds: list[list[str]], log=print) -> None:
         raise SystemExit("pipeline.compare jobs > 1: runs single-process workers; not under a multi-rank launcher "
                          f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
-    procs = []
+    procs, stopped = [], []
 
     def stop(signum, _frame):
+        # forward only: the handler runs inside the main loop's Popen.wait, which holds that Popen's
+        # (non-reentrant) wait lock, so waiting here would deadlock; the loop reaps the workers
+        stopped.append(signum)
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait()
-        raise SystemExit(128 + signum)
+            if p.returncode is None:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -64,6 +67,8 @@ def run_workers(cmds: list[list[str]], log=print) -> None:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if stopped:
+        raise SystemExit(128 + stopped[0])
     bad = [(k, rc) for k, rc in enumerate(codes) if rc != 0]
     if bad:
         k, rc = bad[0]

@@ -101,6 +101,27 @@ def test_jobs_deal_rows_sharing_a_tokenizer_to_one_worker():
     assert cmd[-2:] == ["select=[qg]", "--rows-only"] and cmd[cmd.index("--config") + 1] == "c.yaml"
 
 
+def test_jobs_sigterm_stops_every_worker_and_the_caller_exits(tmp_path):
+    # the handler runs inside Popen.wait (which holds that Popen's wait lock): it must forward and return
+    import signal
+    import sys
+    import time
+
+    worker = [sys.executable, "-c", "import time; time.sleep(120)", "rows", "--rows-only"]
+    driver = (f"import sys; sys.path.insert(0, {str(Path.cwd())!r}); from pipeline.parallel import run_workers; "
+              f"run_workers({[worker, worker]!r}, log=lambda m: print(m, flush=True))")
+    p = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().startswith("worker 0") and p.stdout.readline().startswith("worker 1")
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    try:
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        p.kill()
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(p.pid)], capture_output=True, text=True).stdout
+    assert out.strip() == ""                                             # no worker left behind
+
+
 def test_jobs_2_trains_the_rows_in_two_processes_to_the_same_numbers(tmp_path):
     # two workers (one row each, 1 thread), then one collecting process: the same numbers as one process
     common = [o for o in tiny_overrides(tmp_path / "x", tmp_path / "cache") if not o.startswith(("out=", "seeds="))]
