@@ -267,7 +267,7 @@ class Comparison:
     # ------------------------------------------------------------------------------- driver
     def run(self, rows_only: bool = False) -> dict:
         """Every selected row (tokenizer, priors, quality), then the yardsticks and the outputs;
-        ``rows_only``: stop after the rows (a worker of ``--jobs``; its caller collects)."""
+        ``rows_only``: stop after the rows (a worker of ``jobs > 1``; its caller collects)."""
         from groupgen.tokens import TokenStore
 
         t0 = time.perf_counter()

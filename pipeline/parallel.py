@@ -39,6 +39,10 @@ def worker_commands(config: str, overrides: list[str], groups: list[list[str]]) 
              f"select=[{','.join(g)}]", "--rows-only"] for g in groups]
 
 
+def _rows_of(cmd: list[str]) -> str:
+    return cmd[cmd.index("--rows-only") - 1]   # the worker's select=[...]
+
+
 def run_workers(cmds: list[list[str]], log=print) -> None:
     """Start every worker, wait for all; raise SystemExit with the first failure's code."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -61,7 +65,7 @@ def run_workers(cmds: list[list[str]], log=print) -> None:
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for c in cmds:
-            log(f"worker {len(procs)}: {c[c.index('--rows-only') - 1]}")
+            log(f"worker {len(procs)}: {_rows_of(c)}")
             procs.append(subprocess.Popen(c, env=env))
         codes = [p.wait() for p in procs]
     finally:
@@ -72,5 +76,5 @@ def run_workers(cmds: list[list[str]], log=print) -> None:
     bad = [(k, rc) for k, rc in enumerate(codes) if rc != 0]
     if bad:
         k, rc = bad[0]
-        raise SystemExit(f"pipeline.compare: worker {k} ({cmds[k][cmds[k].index('--rows-only') - 1]}) "
+        raise SystemExit(f"pipeline.compare: worker {k} ({_rows_of(cmds[k])}) "
                          f"failed with exit code {rc}; finished stages are kept, rerun to continue")
