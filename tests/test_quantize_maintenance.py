@@ -246,6 +246,96 @@ def test_once_reset_keeps_the_release_rule():
     assert books.grad_reset() == 6                        # each live code split once: at most doubling
 
 
+def _cell_masses(q, z):
+    idx = q.quantize(z)[1].flatten()
+    return torch.bincount(idx, minlength=q.cfg.codebook_size).double() / idx.numel()
+
+
+def test_refit_balances_cells_that_codes_on_random_features_leave_uneven():
+    """Codes placed on single features (what revival and splits do) give cells of uneven mass; the refit
+    moves every code to its cell's centroid (Lloyd), so the masses come out far more even, no cell is empty,
+    and fresh draws hit more codes."""
+    torch.manual_seed(0)
+    K, d = 64, 8
+    scale = torch.linspace(0.3, 2.0, d)                        # anisotropic data
+    draw = lambda n: (torch.randn(n, d) * scale)[None]        # latents [1, n, d]: one slot, n positions
+    q = build_quantizer(QuantizerConfig(kind="vq", codebook_size=K, refit_steps=[1], refit_iters=10), d).eval()
+    fit = draw(4096)
+    q.books.embed.data[0] = fit[0, torch.randperm(4096)[:K]]  # codes on random features
+    q.books.window_usage = torch.ones(1, K)                   # stands in for a revival window
+    test = draw(20000)
+    before = _cell_masses(q, test)
+    assert q.refit([fit[:, :2048], fit[:, 2048:]]) == 0        # latents come in batches; no cell empty
+    after = _cell_masses(q, test)
+    cv = lambda m: float(m.std() / m.mean())
+    assert cv(before) > 0.5 and cv(after) < 0.5 * cv(before)  # 0.59 -> 0.26 here
+    assert (after > 0).all()
+    hit = lambda m: float((1 - (1 - m) ** 200).mean())         # expected share of codes hit by 200 draws
+    assert hit(after) > hit(before) + 0.05
+    assert q.books.window_usage.sum() == 0                     # the window described the old codes
+
+
+def test_refit_reseeds_empty_cells_from_distinct_features_and_keeps_unit_codes_under_l2_norm():
+    torch.manual_seed(0)
+    cfg = QuantizerConfig(kind="pertoken", num_tokens=2, codebook_size=16, refit_steps=[1], l2_norm=True,
+                          refit_iters=3)
+    q = build_quantizer(cfg, 4).eval()
+    q.books.embed.data[:] = torch.tensor([1.0, 0, 0, 0])      # every code the same: 15 empty cells a slot
+    z = torch.randn(64, 2, 4)
+    z[:32] = z[0]                                              # half the features are one repeated feature
+    assert q.refit([z]) >= 15
+    e = q.books.embed.detach()
+    assert torch.allclose(e.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
+    for s in range(2):
+        assert torch.unique(e[s], dim=0).shape[0] == 16       # re-seeds never duplicate a feature
+    codes = q.quantize(z)[1][..., 0]                           # [64, 2]
+    for s in range(2):
+        assert torch.bincount(codes[:, s], minlength=16).min() >= 1   # every code serves the features
+
+
+def test_refit_validates():
+    with pytest.raises(ValueError, match=r"refit_steps needs kind vq/multigroup/pertoken.*got kind 'fsq'"):
+        QuantizerConfig(kind="fsq", levels=[4, 4], refit_steps=[5]).validate()
+    with pytest.raises(ValueError, match=r"refit_images >= 1.*0 images"):
+        QuantizerConfig(kind="vq", refit_steps=[5], refit_images=0).validate()
+
+
+def test_refit_in_training_runs_at_its_steps_and_resumes_exactly(tmp_path):
+    """The trainer encodes fresh images at each refit step (chosen by seed and step, so a resumed run
+    refits on the same images): a run stopped at step 3 and resumed equals the straight run, loss by loss
+    and weight by weight, and the refit changed the codebook against a run without it."""
+    from groupgen.checkpoint import load_tensors
+    from groupgen.data import DataConfig
+    from groupgen.runs import read_jsonl
+    from tokenizer.model import ModelConfig
+    from tokenizer.train import TokenizerTrainConfig, train
+
+    def cfg(steps, refit):
+        c = TokenizerTrainConfig(
+            data=DataConfig(name="fmnist", image_size=16, channels=1, resize="resize", limit=64),
+            model=ModelConfig(arch="qgvae", image_size=16, channels=1, tokens=8, heads=2, down=1, embed_dim=4,
+                              unet_ch=[8, 8, 8], fourier_freqs=2),
+            quantizer=QuantizerConfig(kind="pertoken", codebook_size=16, num_tokens=8, l2_norm=True,
+                                      refit_steps=refit, refit_images=48, refit_iters=2))
+        c.loss.recon, c.loss.disc_weight = "none", 0.0
+        t = c.train
+        t.steps, t.batch_size, t.ckpt_every, t.log_every, t.sample_every, t.eval_every, t.threads = steps, 8, 3, 1, 0, 0, 1
+        return c
+
+    a, b, n = tmp_path / "a", tmp_path / "b", tmp_path / "n"
+    ra = train(cfg(5, [2, 4]), a)
+    train(cfg(3, [2, 4]), b)
+    rb = train(cfg(5, [2, 4]), b)
+    rn = train(cfg(5, []), n)
+    rows = read_jsonl(a / "metrics.jsonl")
+    assert [r["step"] for r in rows if "q/refit_reseeded" in r] == [2, 4]
+    assert [(r["step"], r["loss"]) for r in rows] == [(r["step"], r["loss"]) for r in read_jsonl(b / "metrics.jsonl")]
+    ta, tb, tn = (load_tensors(r["checkpoint"], "model") for r in (ra, rb, rn))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    key = next(k for k in ta if k.endswith("books.embed"))
+    assert not torch.equal(ta[key], tn[key])
+
+
 def test_qgvae_preset_uses_the_growth_rule():
     from tokenizer.train import TokenizerTrainConfig
     cfg = load_config(TokenizerTrainConfig, "configs/tokenizer/fmnist_qgvae.yaml")

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from tokenizer import nearest_cpu
 from tokenizer.code_usage import UsageTracker
-from tokenizer.quantize_revival import grad_reset, revive_dead, soft_revive
+from tokenizer.quantize_revival import grad_reset, lloyd, revive_dead, soft_revive
 
 KINDS = ("vq", "multigroup", "pertoken", "residual", "fsq", "lfq")
 _CODEBOOK_KINDS = ("vq", "multigroup", "pertoken", "residual")
@@ -69,6 +69,9 @@ class QuantizerConfig:
     reset_every: int = 0             # pertoken-style grad-magnitude resets (0 = off)
     reset_noise: float = 1e-4        # moved code = loaded code + U(-1,1) * reset_noise
     reset_rule: str = "once"         # once (QG-VAE: live codes at most double a reset) | proportional
+    refit_steps: list[int] = field(default_factory=list)  # after these steps: codes re-fit (Lloyd) to fresh features
+    refit_images: int = 8192         # training images the trainer encodes for a refit
+    refit_iters: int = 5             # Lloyd steps a refit
     ordered_dropout_p: float = 0.0   # pertoken: per sample, zero tokens from a random k onward
     residual_shared: bool = False    # residual: one codebook for all depths
     levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
@@ -117,6 +120,11 @@ class QuantizerConfig:
             bad(f"revive_pick must be 'uniform' or 'd2', got {self.revive_pick!r}")
         if self.reset_rule not in ("once", "proportional"):
             bad(f"reset_rule must be 'once' or 'proportional', got {self.reset_rule!r}")
+        if self.refit_steps and (self.kind not in ("vq", "multigroup", "pertoken") or self.refit_images < 1
+                                 or self.refit_iters < 1 or min(self.refit_steps) < 1):
+            bad(f"refit_steps needs kind vq/multigroup/pertoken, steps >= 1, refit_images >= 1 and refit_iters >= 1; "
+                f"got kind {self.kind!r}, steps {self.refit_steps}, {self.refit_images} images, "
+                f"{self.refit_iters} iters")
         if self.soft_revive and (self.ema or self.kind not in _CODEBOOK_KINDS):
             bad("soft_revive needs a gradient-trained codebook (not ema, fsq or lfq)")
         if not 0.0 < self.soft_revive_decay < 1.0:
@@ -481,6 +489,15 @@ class VectorQuantizer(Quantizer):
 
     def after_backward(self) -> None:
         self.books.after_backward()
+
+    @torch.no_grad()
+    def refit(self, latents: list[torch.Tensor]) -> int:
+        """Re-fit every codebook by Lloyd to the encoder latents ``[B, L, D]`` of fresh images (the trainer's
+        ``refit_steps``); returns how many empty cells were re-seeded."""
+        x = torch.cat([self._to_slots(z.float()) for z in latents], dim=1)
+        if self.cfg.l2_norm:
+            x = F.normalize(x, dim=-1)
+        return lloyd(self.books, x, self.cfg.refit_iters)
 
     def step_end(self, step: int) -> dict:
         if self.cfg.mask_until_step:

@@ -138,6 +138,25 @@ def get_batch(ds, idx) -> torch.Tensor:
     return torch.stack([ds[int(i)][0] for i in idx])
 
 
+@torch.no_grad()
+def refit_codebooks(model: Tokenizer, ds, step: int, seed: int, device, precision: str) -> int:
+    """``quantizer.refit_steps``: encode ``refit_images`` training images (drawn by seed and step alone, so
+    every rank and a resumed run use the same ones) with the current encoder and re-fit the codebooks to
+    them by Lloyd (``tokenizer.quantize_revival.lloyd``). Returns how many empty cells were re-seeded."""
+    qc = model.qcfg
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * step)
+    idx = torch.randperm(len(ds), generator=g)[:qc.refit_images]
+    was_training = model.training
+    model.eval()
+    latents = []
+    for i in range(0, len(idx), 256):
+        x = get_batch(ds, idx[i:i + 256]).to(device)
+        with autocast(device, precision):
+            latents.append(model.net.encode_latent(x).float())
+    model.train(was_training)
+    return model.quantizer.refit(latents)
+
+
 def psnr_from_mse(mse: float) -> float:
     """Images in [-1, 1]: peak-to-peak 2, so PSNR = 10 log10(4 / MSE) (= the [0,1] PSNR)."""
     return 10.0 * math.log10(4.0 / max(mse, 1e-12))
@@ -337,6 +356,8 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                 parts["logits_real"], parts["logits_fake"] = lr_.mean().detach(), lf_.mean().detach()
             step += 1
             qinfo = q.step_end(step) or {}
+            if step in cfg.quantizer.refit_steps:
+                qinfo["refit_reseeded"] = refit_codebooks(model, ds, step, tc.seed, device, tc.precision)
             dt = time.perf_counter() - t0
             t_window += dt
             n_window += 1
