@@ -68,6 +68,9 @@ ROWS = [
     ("official_code", "official notebook code (DaiDaiLoh/QG-VAE)", None, []),
     ("gg_official", "groupgen, official recipe (fmnist_qgvae_official)", "fmnist_qgvae_official", []),
     ("gg_best", "groupgen, best preset (fmnist_qgvae)", "fmnist_qgvae", []),
+    # the growth-ceiling fix: codes re-fit by Lloyd to 16,384 fresh images' features after steps 100-300
+    ("gg_refit", "groupgen, best preset + codebook refit at steps 100/200/300", "fmnist_qgvae",
+     ["quantizer.refit_steps=[100,200,300]", "quantizer.refit_images=16384", "quantizer.refit_iters=8"]),
 ]
 
 # The official recipe as the notebook states it (cell numbers: code and markdown cells counted from 0
@@ -191,7 +194,7 @@ class _Loader:
     def _restore(self) -> int:
         if self.ckpt is None or not self.ckpt.exists():
             return 0
-        st = torch.load(self.ckpt, weights_only=False)
+        st = torch.load(self.ckpt, weights_only=True)   # tensors, numbers and strings only: nothing unpickled
         if st["key"] != self.key:
             raise SystemExit(f"{self.ckpt}: saved under other settings; delete it or use --fresh")
         g = self.g

@@ -169,3 +169,39 @@ def test_a_groupgen_row_trains_with_its_overrides_scores_and_is_reused(tmp_path,
     capsys.readouterr()
     assert qo.main(args)["rows"][-1]["psnr_native_mean"] == got["psnr_native_mean"]
     assert "[gg_try seed 0] reusing" in capsys.readouterr().out
+
+
+def test_official_run_checkpoint_round_trips_without_unpickling(tmp_path):
+    """The official run's checkpoint (the training cell's globals, saved every ``every`` steps) holds
+    tensors, numbers and strings only and loads with ``weights_only=True``; a resume restores them and the
+    loader continues from the saved step."""
+    import torch
+
+    def cell_globals():
+        torch.manual_seed(0)
+        ae = torch.nn.Linear(4, 4)
+        opt = torch.optim.AdamW(ae.parameters(), lr=2e-4)
+        return {"ae": ae, "optimiser": opt, "magnitudes": torch.zeros(3), "index_count": torch.zeros(3),
+                "steps": 0}
+
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    key = {"official": "abc", "settings": {"steps": 4, "batch": 2}}
+    g = cell_globals()
+    ck = tmp_path / "official_ckpt.pt"
+    loader = qo._Loader(qo._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, g, ck, every=2, key=key)
+    for i, _ in enumerate(loader):     # a stand-in for the cell: one optimiser step a batch
+        g["ae"](torch.ones(1, 4)).sum().backward()
+        g["optimiser"].step()
+        g["magnitudes"] += 1
+        g["steps"] = i + 1
+        if i == 2:
+            break                      # "interrupted" during step 3: the step-2 checkpoint stands
+    st = torch.load(ck, weights_only=True)
+    assert st["steps"] == 2 and st["key"] == key and st["magnitudes"].tolist() == [2.0] * 3
+    h = cell_globals()
+    resumed = qo._Loader(qo._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, h, ck, every=2, key=key)
+    assert len(list(resumed)) == 2 and resumed.done == 4
+    assert h["steps"] == 2 and h["magnitudes"].tolist() == [2.0] * 3
+    assert h["optimiser"].state_dict()["state"][0]["step"] == 2
+    with pytest.raises(SystemExit, match="saved under other settings"):
+        list(qo._Loader(qo._Fixed(x), lambda i: range(2), 4, 0, cell_globals(), ck, every=2, key={"other": 1}))
