@@ -218,10 +218,36 @@ def with_defaults(saved: Any, defaults: Any) -> Any:
     return out
 
 
+def added_field(*, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING):
+    """A config field added after results were cached under ``config_hash``: at its default (which must be
+    the old behaviour) it is left out of the hash, so every cached stage keyed before it stays valid; set
+    to anything else it is hashed like any field."""
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"added_later": True})
+
+
+def key_view(obj: Any) -> Any:
+    """What ``config_hash`` hashes: dataclasses as dicts (inside dicts and lists too), without the
+    ``added_field`` fields that sit at their defaults."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.metadata.get("added_later"):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if v == default:
+                    continue
+            out[f.name] = key_view(v)
+        return out
+    if isinstance(obj, dict):
+        return {k: key_view(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [key_view(v) for v in obj]
+    return obj
+
+
 def config_hash(cfg: Any, n: int = 12) -> str:
-    """A stable short hash of a config (or a dict), used to key cached pipeline stages."""
-    d = to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
+    """A stable short hash of a config (or a dict that may hold configs), used to key cached pipeline stages."""
+    blob = json.dumps(key_view(cfg), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
 
 

@@ -171,10 +171,10 @@ class Comparison:
             raise ConfigError(f"layouts[{spec.name}].tokenizer.config: no tokenizer preset given")
         tok_cfg = load_config(TokenizerTrainConfig, spec.tokenizer.config,
                               spec.tokenizer.overrides + c.tokenizer_overrides)
-        tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": dataclasses.asdict(tok_cfg)},
+        tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": tok_cfg},
                                           lambda d: train_tok(tok_cfg, d))
 
-        _, enc, h2 = self.stage(2, "encode", {"up": h1, "enc": dataclasses.asdict(c.encode)},
+        _, enc, h2 = self.stage(2, "encode", {"up": h1, "enc": c.encode},
                                 lambda d: encode_stores(tok_dir, d, tok_cfg.data, c.encode))
         ls_cfg = load_config(LayoutStatsConfig, None, c.stats.layout_overrides)
 
@@ -186,8 +186,8 @@ class Comparison:
             lay = layout_stats(TokenStore(enc["train"]), ls_cfg)
             return {"recon": rec, "layout": lay}
 
-        _, st, _ = self.stage(2, "stats", {"up": h2, "recon": dataclasses.asdict(c.stats),
-                                           "layout": dataclasses.asdict(ls_cfg)}, run_stats)
+        _, st, _ = self.stage(2, "stats", {"up": h2, "recon": c.stats,
+                                           "layout": ls_cfg}, run_stats)
         return {"tok_dir": str(tok_dir), "tok_res": tok_res, "enc": enc, "h": h2, "stats": st,
                 "tokenizer_config": spec.tokenizer.config}
 
@@ -217,7 +217,7 @@ class Comparison:
                     shutil.rmtree(p, ignore_errors=True)
             return res
 
-        return self.stage(3, "ar", {"up": tok["h"], "cfg": dataclasses.asdict(ar_cfg)}, run_ar)
+        return self.stage(3, "ar", {"up": tok["h"], "cfg": ar_cfg}, run_ar)
 
     # ------------------------------------------------------------------------------- quality
     def quality_at(self, ckpt: Path, h_ar: str, step: int) -> dict:
@@ -225,14 +225,14 @@ class Comparison:
         from sampling.sample import sample as run_sampling
 
         s_cfg, e_cfg, ref = self.s_cfg, self.e_cfg, self.cfg.quality.ref
-        smp_dir, _, h4 = self.stage(4, "sample", {"up": h_ar, "step": step, "cfg": dataclasses.asdict(s_cfg)},
+        smp_dir, _, h4 = self.stage(4, "sample", {"up": h_ar, "step": step, "cfg": s_cfg},
                                     lambda d: run_sampling(s_cfg, ckpt, d))
 
         def run_eval(d):
             data = np.load(Path(smp_dir) / "samples.npz")
             return evaluate_samples(data["arr_0"], data["labels"], ref, e_cfg, log=_log)
 
-        _, ev, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg), "ref": ref}, run_eval)
+        _, ev, _ = self.stage(5, "eval", {"up": h4, "cfg": e_cfg, "ref": ref}, run_eval)
         return dict(ev, samples=str(Path(smp_dir) / "samples.npz"))
 
     def real_baseline(self, n: int, hw: tuple[int, int]) -> dict | None:
@@ -249,7 +249,7 @@ class Comparison:
             return evaluate_samples(real, labels, ref, e_cfg, log=_log)
 
         return self.stage(5, "eval", {"real_train": ref, "n": n, "hw": list(hw),
-                                      "cfg": dataclasses.asdict(e_cfg)}, run)[1]
+                                      "cfg": e_cfg}, run)[1]
 
     def fid_floor(self, n: int, hw: tuple[int, int]) -> dict | None:
         """The equal-N floor (``eval.generation.fid_floor``, as the main job reports it): what real train
@@ -261,7 +261,7 @@ class Comparison:
         if q.floor_draws < 1 or parse_ref(q.ref, "test")[0] != "dataset":
             return None
         return self.stage(5, "eval", {"floor": q.ref, "n": n, "hw": list(hw), "draws": q.floor_draws,
-                                      "cfg": dataclasses.asdict(self.e_cfg)},
+                                      "cfg": self.e_cfg},
                           lambda d: fid_floor(q.ref, n, hw, self.e_cfg, q.floor_draws, 0, log=_log))[1]
 
     # ------------------------------------------------------------------------------- driver

@@ -170,9 +170,9 @@ class Pipeline:
         run_lock = hold_run_folder(self.out, "groupgen.main")   # one job per out= (held until run returns)
         save_config(c, self.out / "config.yaml")
 
-        tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": dataclasses.asdict(tok_cfg)},
+        tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": tok_cfg},
                                           lambda d: train_tok(tok_cfg, d))
-        enc_key = {"up": h1, "enc": dataclasses.asdict(c.encode)}
+        enc_key = {"up": h1, "enc": c.encode}
 
         enc_dir, enc_res, h2 = self.stage(2, "encode", enc_key,
                                           lambda d: encode_stores(tok_dir, d, tok_cfg.data, c.encode))
@@ -183,8 +183,8 @@ class Pipeline:
                 cfg.train = dataclasses.replace(cfg.train, val_tokens=enc_res["val"])
             return train_ar(cfg, enc_res["train"], d)
 
-        ar_dir, ar_res, h3 = self.stage(3, "ar", {"up": h2, "cfg": dataclasses.asdict(ar_cfg)}, run_ar)
-        smp_dir, smp_res, h4 = self.stage(4, "sample", {"up": h3, "cfg": dataclasses.asdict(s_cfg)},
+        ar_dir, ar_res, h3 = self.stage(3, "ar", {"up": h2, "cfg": ar_cfg}, run_ar)
+        smp_dir, smp_res, h4 = self.stage(4, "sample", {"up": h3, "cfg": s_cfg},
                                           lambda d: run_sampling(s_cfg, ar_dir, d))
 
         def run_eval(d):
@@ -212,7 +212,7 @@ class Pipeline:
             return {"generation": gen, "tokenizer": rec, "fid_floor": floor,
                     "real_train_vs_test": {"fid": base["fid"], "is": base["is"], "n": base["num_samples"]}}
 
-        ev_dir, ev_res, _ = self.stage(5, "eval", {"up": h4, "cfg": dataclasses.asdict(e_cfg),
+        ev_dir, ev_res, _ = self.stage(5, "eval", {"up": h4, "cfg": e_cfg,
                                                    "ref": c.eval.ref, "real_n": c.eval.real_n,
                                                    "recon_images": c.eval.recon_images,
                                                    "floor": [c.eval.floor_draws, c.eval.floor_seed]}, run_eval)

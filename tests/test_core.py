@@ -49,6 +49,37 @@ def test_with_defaults_fills_only_the_fields_a_saved_config_predates():
     assert with_defaults(None, to_dict(Outer())) is None and with_defaults(5, {}) == 5
 
 
+def test_a_field_added_later_keeps_the_hashes_of_stages_cached_before_it():
+    """A stage's cache key is the hash of its config: a field added at its default (the old behaviour) must
+    not change it, or every cached stage of a long comparison retrains (it did: a new quantizer field sent
+    the verdict run back to its first tokenizer). At any other value it is hashed like any field."""
+    from groupgen.config import added_field
+
+    @dataclass
+    class Inner2:
+        lr: float = 1e-4
+        steps: int = 10
+        betas: tuple[float, float] = (0.9, 0.95)
+        schedule: list[int] = added_field(default_factory=list)
+        iters: int = added_field(default=5)
+
+    @dataclass
+    class Outer2:
+        name: str = "x"
+        train: Inner2 = field(default_factory=Inner2)
+        groups: list[int] = field(default_factory=lambda: [1, 2])
+        flag: bool = False
+
+    old = to_dict(Outer())                          # the config as it was before the two fields existed
+    new = Outer2()
+    assert config_hash(new) == config_hash(old) == config_hash(Outer())
+    assert config_hash({"cfg": new, "up": "abc"}) == config_hash({"cfg": old, "up": "abc"})   # inside a key
+    for changed in (Outer2(train=Inner2(iters=6)), Outer2(train=Inner2(schedule=[3]))):
+        assert config_hash(changed) != config_hash(old)
+    assert config_hash(Outer2(flag=True)) == config_hash(Outer(flag=True)) != config_hash(old)
+    assert to_dict(new)["train"]["iters"] == 5      # saved configs still carry every field
+
+
 def test_config_unknown_key_names_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"train.stepz.*'steps'"):
         load_config(Outer, None, ["train.stepz=3"])

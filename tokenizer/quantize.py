@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from groupgen.config import added_field
 from tokenizer import nearest_cpu
 from tokenizer.code_usage import UsageTracker
 from tokenizer.quantize_revival import grad_reset, lloyd, revive_dead, soft_revive
@@ -69,9 +70,9 @@ class QuantizerConfig:
     reset_every: int = 0             # pertoken-style grad-magnitude resets (0 = off)
     reset_noise: float = 1e-4        # moved code = loaded code + U(-1,1) * reset_noise
     reset_rule: str = "once"         # once (QG-VAE: live codes at most double a reset) | proportional
-    refit_steps: list[int] = field(default_factory=list)  # after these steps: codes re-fit (Lloyd) to fresh features
-    refit_images: int = 8192         # training images the trainer encodes for a refit
-    refit_iters: int = 5             # Lloyd steps a refit
+    refit_steps: list[int] = added_field(default_factory=list)  # after these steps: codes re-fit by Lloyd
+    refit_images: int = added_field(default=8192)   # training images the trainer encodes for a refit
+    refit_iters: int = added_field(default=5)       # Lloyd steps a refit
     ordered_dropout_p: float = 0.0   # pertoken: per sample, zero tokens from a random k onward
     residual_shared: bool = False    # residual: one codebook for all depths
     levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
