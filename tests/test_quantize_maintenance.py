@@ -283,7 +283,7 @@ def test_refit_reseeds_empty_cells_from_distinct_features_and_keeps_unit_codes_u
     q.books.embed.data[:] = torch.tensor([1.0, 0, 0, 0])      # every code the same: 15 empty cells a slot
     z = torch.randn(64, 2, 4)
     z[:32] = z[0]                                              # half the features are one repeated feature
-    assert q.refit([z]) >= 15
+    assert q.refit([z]) >= 30                                  # 15 empty cells in each slot at the first step
     e = q.books.embed.detach()
     assert torch.allclose(e.norm(dim=-1), torch.ones(2, 16), atol=1e-5)
     for s in range(2):
