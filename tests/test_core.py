@@ -56,19 +56,13 @@ def test_a_field_added_later_keeps_the_hashes_of_stages_cached_before_it():
     from groupgen.config import added_field
 
     @dataclass
-    class Inner2:
-        lr: float = 1e-4
-        steps: int = 10
-        betas: tuple[float, float] = (0.9, 0.95)
+    class Inner2(Inner):                            # Inner with two fields added later
         schedule: list[int] = added_field(default_factory=list)
         iters: int = added_field(default=5)
 
     @dataclass
-    class Outer2:
-        name: str = "x"
+    class Outer2(Outer):
         train: Inner2 = field(default_factory=Inner2)
-        groups: list[int] = field(default_factory=lambda: [1, 2])
-        flag: bool = False
 
     old = to_dict(Outer())                          # the config as it was before the two fields existed
     new = Outer2()
