@@ -357,7 +357,7 @@ class VectorQuantizer(Quantizer):
         x = torch.cat([self._to_slots(z.float()) for z in latents], dim=1)
         if self.cfg.l2_norm:
             x = F.normalize(x, dim=-1)
-        return lloyd(self.books, x, self.cfg.refit_iters)
+        return lloyd(self.books, x, self.cfg.refit_iters, self.cfg.refit_balance)
 
     def step_end(self, step: int) -> dict:
         if self.cfg.mask_until_step:

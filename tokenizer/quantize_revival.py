@@ -23,6 +23,9 @@ codes it moved.
   exponential mass (2,000 draws then hit ~80% of 512 codes); Lloyd centroids sit where the data is,
   in cells of more even mass. A pool of past features does not serve: the encoder moves faster than a
   per-token pool fills (32 features a step for 512 codes), and k-means on it lowered usage.
+  With ``refit_balance > 0`` each step assigns by an equal-mass transport plan instead of the nearest
+  code (Sinkhorn, entropic temperature ``refit_balance``): every cell gets N/K of the features, so the
+  refit codes are hit about evenly; plain Lloyd cells still differ in mass where the data is dense.
 """
 from __future__ import annotations
 
@@ -120,8 +123,24 @@ def soft_revive(books) -> int:
 
 
 @torch.no_grad()
-def lloyd(books, x: torch.Tensor, iters: int) -> int:
-    """``iters`` Lloyd steps on every slot at once from the current codes: features ``x [P, N, d]`` (unit
+def balanced_plan(x: torch.Tensor, e: torch.Tensor, eps: float, iters: int = 20) -> torch.Tensor:
+    """Soft assignment ``[N, K]`` of features ``x [N, d]`` to codes ``e [K, d]`` with equal mass N/K per code
+    (entropic optimal transport, Sinkhorn's scaling form). Float64, each row's kernel shifted so its
+    nearest code weighs 1: at eps 0.01 the far entries reach exp(-400), below fp32's range. A code no
+    feature reaches gets a zero column (an empty cell)."""
+    C = torch.cdist(x.double(), e.double()).pow(2)
+    G = torch.exp(-(C - C.min(1, keepdim=True).values) / eps)
+    N, K = G.shape
+    v = torch.ones(K, dtype=G.dtype, device=G.device)
+    for _ in range(iters):
+        u = 1.0 / (G @ v).clamp_min(1e-300)
+        v = (N / K) / (G.T @ u).clamp_min(1e-300)
+    return u[:, None] * G * v[None]
+
+
+def lloyd(books, x: torch.Tensor, iters: int, balance: float = 0.0) -> int:
+    """``iters`` Lloyd steps on every slot at once from the current codes (``balance > 0``: equal-mass cells,
+    ``balanced_plan``, a slot at a time): features ``x [P, N, d]`` (unit
     rows under ``l2_norm``, where centroids are re-normalised: spherical k-means). A code whose cell is
     empty takes a feature among those farthest from their code (distinct ones, worst first). Writes
     ``books.embed``, zeroes the usage windows (they described the old codes) and returns how many cells
@@ -133,8 +152,15 @@ def lloyd(books, x: torch.Tensor, iters: int) -> int:
     for _ in range(iters):
         idx = books.nearest(x, e)                                    # chunked search, [P, N]
         near = (x - books.lookup(e, idx)).pow(2).sum(-1)
-        counts = torch.zeros(P, books.K, device=x.device).scatter_add_(1, idx, torch.ones_like(near))
-        sums = torch.zeros(P, books.K, d, device=x.device).scatter_add_(1, idx[..., None].expand(-1, -1, d), x)
+        if balance > 0:                                              # equal-mass cells, one slot at a time
+            plans = [balanced_plan(x[s], e[s], balance) for s in range(P)]
+            counts = torch.stack([pl.sum(0) for pl in plans]).float()
+            counts = torch.where(counts > 1e-6, counts, torch.zeros_like(counts))
+            sums = torch.stack([(pl.T @ x[s].double()).float() for s, pl in enumerate(plans)])
+        else:
+            counts = torch.zeros(P, books.K, device=x.device).scatter_add_(1, idx, torch.ones_like(near))
+            sums = torch.zeros(P, books.K, d, device=x.device).scatter_add_(
+                1, idx[..., None].expand(-1, -1, d), x)
         c = sums / counts.clamp_min(1)[..., None]
         if books.cfg.l2_norm:
             c = F.normalize(c, dim=-1)

@@ -44,6 +44,7 @@ class QuantizerConfig:
     refit_steps: list[int] = added_field(default_factory=list)  # after these steps: codes re-fit by Lloyd
     refit_images: int = added_field(default=8192)   # training images the trainer encodes for a refit
     refit_iters: int = added_field(default=5)       # Lloyd steps a refit
+    refit_balance: float = added_field(default=0.0)  # > 0: equal-mass cells (Sinkhorn temperature); 0 = Lloyd
     ordered_dropout_p: float = 0.0   # pertoken: per sample, zero tokens from a random k onward
     residual_shared: bool = False    # residual: one codebook for all depths
     levels: list[int] = field(default_factory=list)     # fsq levels per channel, e.g. [8,8,8,5,5,5]
@@ -93,10 +94,11 @@ class QuantizerConfig:
         if self.reset_rule not in ("once", "proportional"):
             bad(f"reset_rule must be 'once' or 'proportional', got {self.reset_rule!r}")
         if self.refit_steps and (self.kind not in ("vq", "multigroup", "pertoken") or self.refit_images < 1
-                                 or self.refit_iters < 1 or min(self.refit_steps) < 1):
-            bad(f"refit_steps needs kind vq/multigroup/pertoken, steps >= 1, refit_images >= 1 and refit_iters >= 1; "
+                                 or self.refit_iters < 1 or min(self.refit_steps) < 1 or self.refit_balance < 0):
+            bad("refit_steps needs kind vq/multigroup/pertoken, steps >= 1, refit_images >= 1, refit_iters >= 1 "
+                f"and refit_balance >= 0; "
                 f"got kind {self.kind!r}, steps {self.refit_steps}, {self.refit_images} images, "
-                f"{self.refit_iters} iters")
+                f"{self.refit_iters} iters, balance {self.refit_balance}")
         if self.soft_revive and (self.ema or self.kind not in CODEBOOK_KINDS):
             bad("soft_revive needs a gradient-trained codebook (not ema, fsq or lfq)")
         if not 0.0 < self.soft_revive_decay < 1.0:
