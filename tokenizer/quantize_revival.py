@@ -152,16 +152,17 @@ def lloyd(books, x: torch.Tensor, iters: int, balance: float = 0.0) -> int:
     for _ in range(iters):
         idx = books.nearest(x, e)                                    # chunked search, [P, N]
         near = (x - books.lookup(e, idx)).pow(2).sum(-1)
-        if balance > 0:                                              # equal-mass cells, one slot at a time
-            plans = [balanced_plan(x[s], e[s], balance) for s in range(P)]
-            counts = torch.stack([pl.sum(0) for pl in plans]).float()
+        if balance > 0:                          # equal-mass cells, a slot at a time (a plan is N x K fp64)
+            counts, sums = torch.zeros(P, books.K, device=x.device), torch.zeros(P, books.K, d, device=x.device)
+            for s in range(P):
+                plan = balanced_plan(x[s], e[s], balance)
+                counts[s], sums[s] = plan.sum(0).float(), (plan.T @ x[s].double()).float()
             counts = torch.where(counts > 1e-6, counts, torch.zeros_like(counts))
-            sums = torch.stack([(pl.T @ x[s].double()).float() for s, pl in enumerate(plans)])
         else:
             counts = torch.zeros(P, books.K, device=x.device).scatter_add_(1, idx, torch.ones_like(near))
             sums = torch.zeros(P, books.K, d, device=x.device).scatter_add_(
                 1, idx[..., None].expand(-1, -1, d), x)
-        c = sums / counts.clamp_min(1)[..., None]
+        c = sums / torch.where(counts > 0, counts, torch.ones_like(counts))[..., None]  # plan masses may be < 1
         if books.cfg.l2_norm:
             c = F.normalize(c, dim=-1)
         empty = counts == 0
