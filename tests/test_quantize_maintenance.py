@@ -384,3 +384,47 @@ def test_train_step_bench_quick(tmp_path):
                               "--warmup", "0", "--json", str(tmp_path / "s.json")])
     assert R["ks"] == [256, 2048] and R["K=256"]["ratio"] == 1.0
     assert R["K=2048"]["s_per_step"] > 0 and (tmp_path / "s.json").exists()
+
+
+def test_decoder_only_steps_keep_encoder_and_codebooks_and_train_the_decoder(tmp_path):
+    """``train.decoder_only_after``: from that step on, the encoder and the codebooks stay bit for bit (no
+    AdamW decay or momentum, no revival) while the decoder still learns; a run resumed across the switch
+    equals the straight run."""
+    from groupgen.checkpoint import load_tensors
+    from groupgen.data import DataConfig
+    from groupgen.runs import read_jsonl
+    from tokenizer.model import ModelConfig, Tokenizer
+    from tokenizer.train import TokenizerTrainConfig, train
+
+    def cfg(steps):
+        c = TokenizerTrainConfig(
+            data=DataConfig(name="fmnist", image_size=16, channels=1, resize="resize", limit=64),
+            model=ModelConfig(arch="qgvae", image_size=16, channels=1, tokens=8, heads=2, down=1, embed_dim=4,
+                              unet_ch=[8, 8, 8], fourier_freqs=2),
+            quantizer=QuantizerConfig(kind="pertoken", codebook_size=16, num_tokens=8, l2_norm=True,
+                                      revive_every=1, refit_steps=[4], refit_images=48, refit_iters=2))
+        c.loss.recon, c.loss.disc_weight = "none", 0.0
+        t = c.train
+        t.steps, t.batch_size, t.ckpt_every, t.log_every, t.sample_every, t.eval_every, t.threads = steps, 8, 1, 1, 0, 0, 1
+        t.weight_decay, t.decoder_only_after, t.keep_last = 0.1, 3, 10
+        return c
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg(5), a)
+    train(cfg(4), b)
+    train(cfg(5), b)
+    w = {s: load_tensors(a / "checkpoints" / f"step_{s:08d}", "model") for s in (2, 3, 4, 5)}
+    net = Tokenizer(cfg(5).model, cfg(5).quantizer)
+    dec = {n for n, p in net.named_parameters() if id(p) in {id(q) for q in net.decoder_parameters()}}
+    assert dec and any(n.startswith("quantizer") for n in w[5]) and not any(n.startswith("quantizer") for n in dec)
+    for n in w[5]:
+        if n in dec:
+            assert not torch.equal(w[4][n], w[5][n]), n          # the decoder still trains
+        elif w[5][n].is_floating_point():
+            assert torch.equal(w[3][n], w[5][n]), n             # encoder, codebooks: fixed, refit at 4 skipped
+    assert any(not torch.equal(w[2][n], w[3][n]) for n in w[3] if n.startswith("quantizer"))  # before: they moved
+    rows = read_jsonl(a / "metrics.jsonl")
+    assert not any("q/refit_reseeded" in r for r in rows)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in read_jsonl(b / "metrics.jsonl")]
+    wb = load_tensors(b / "checkpoints" / "step_00000005", "model")
+    assert all(torch.equal(w[5][n], wb[n]) for n in w[5])

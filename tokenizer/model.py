@@ -93,6 +93,9 @@ class VQGANNet(nn.Module):
     def encode_latent(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.encoder(x))
 
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.post_quant_conv, self.decoder]
+
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         b, L, d = z.shape
         z = z.transpose(1, 2).reshape(b, d, self.side, self.side)
@@ -138,6 +141,11 @@ class Tokenizer(nn.Module):
     def last_layer(self) -> torch.Tensor:
         """The decoder's output conv weight (VQGAN adaptive GAN weight)."""
         return self.net.last_layer
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        """What maps quantized latents to pixels (not the codebooks): all that trains under
+        ``train.decoder_only_after``."""
+        return [p for m in self.net.decoder_modules() for p in m.parameters()]
 
     def _check_input(self, x: torch.Tensor) -> None:
         want = (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)

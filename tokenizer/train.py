@@ -23,7 +23,7 @@ import torch
 from groupgen.checkpoint import (CheckpointError, latest_checkpoint, load_meta, load_state, load_tensors,
                                  rng_state, save_checkpoint, set_rng_state)
 from groupgen.cli import user_errors
-from groupgen.config import ConfigError, load_config, save_config, to_dict, with_defaults
+from groupgen.config import ConfigError, added_field, load_config, save_config, to_dict, with_defaults
 from groupgen import distributed
 from groupgen.data import DataConfig, build_dataset, write_skipped
 from groupgen.loader import StepBatches, image_batches
@@ -61,6 +61,9 @@ class TrainConfig:
     threads: int = 0                   # torch intra-op threads (0 = OMP_NUM_THREADS or all cores)
     workers: int = 4                   # image-decoding processes per rank (files only; in-memory data: none)
     device: str = "auto"               # auto | cpu | cuda (this rank's GPU)
+    # > 0: after this many steps only the decoder trains: encoder, codebooks and their maintenance fixed, so
+    # the codes (and their usage) stay as they are and the decoder adapts to them (e.g. after a last refit)
+    decoder_only_after: int = added_field(default=0)
 
     def validate(self):
         if self.precision not in ("fp32", "bf16"):
@@ -71,6 +74,8 @@ class TrainConfig:
         for key in ("ckpt_every", "sample_every", "eval_every", "keep_last"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.decoder_only_after < 0:
+            raise ConfigError(f"train.decoder_only_after must be >= 0, got {self.decoder_only_after}")
         if self.workers < 0:
             raise ConfigError(f"train.workers must be >= 0, got {self.workers}")
         if self.schedule not in ("constant", "cosine"):
@@ -291,6 +296,8 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
         model.train()
         return psnr_from_mse(sum(mses) / max(1, len(mses)))
 
+    decoder = {id(p) for p in model.decoder_parameters()}
+    fixed_params = [p for p in model.parameters() if id(p) not in decoder]
     last = {}
     last_saved = step if ck is not None else -1
     model.train()
@@ -305,6 +312,9 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
             t0 = time.perf_counter()
             x = next(batches)[0].to(device, non_blocking=True)
             gan_on = gan_active(lc, step)
+            decoder_only = 0 < tc.decoder_only_after <= step
+            if decoder_only:
+                q.eval()   # no masking, no usage windows, no EMA codebook update
             with autocast(device, tc.precision):
                 xrec, codes, qlosses = ddp_model(x)
             parts = recon_loss(x, xrec, lc)
@@ -339,7 +349,11 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                     g["lr"] = base * lr_mult
             opt.zero_grad(set_to_none=True)
             total.backward()
-            q.after_backward()
+            if decoder_only:
+                for p in fixed_params:   # after DDP's all-reduce; a None grad: AdamW neither moves nor decays p
+                    p.grad = None
+            else:
+                q.after_backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip if tc.clip > 0 else float("inf"))
             opt.step()
             if gan_on:
@@ -355,8 +369,8 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                 parts["d_loss"] = d_loss.detach()
                 parts["logits_real"], parts["logits_fake"] = lr_.mean().detach(), lf_.mean().detach()
             step += 1
-            qinfo = q.step_end(step) or {}
-            if step in cfg.quantizer.refit_steps:
+            qinfo = {} if decoder_only else (q.step_end(step) or {})
+            if step in cfg.quantizer.refit_steps and not decoder_only:
                 qinfo["refit_reseeded"] = refit_codebooks(model, ds, step, tc.seed, device, tc.precision)
             dt = time.perf_counter() - t0
             t_window += dt

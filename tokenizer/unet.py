@@ -119,6 +119,9 @@ class QGVAENet(nn.Module):
         h = self.encoder(x)                       # [B, C, H', W']
         return self.proj_in(h.flatten(2))         # each channel a token: [B, C, H'W'] -> [B, C, D]
 
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.proj_out, self.decoder]
+
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         h = self.proj_out(z)                      # [B, C, H'W']
         return self.decoder(h.reshape(h.shape[0], self.tokens, self.side, self.side))
