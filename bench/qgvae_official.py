@@ -71,6 +71,11 @@ ROWS = [
     # the growth-ceiling fix: codes re-fit by Lloyd to 16,384 fresh images' features after steps 100-300
     ("gg_refit", "groupgen, best preset + codebook refit at steps 100/200/300", "fmnist_qgvae",
      ["quantizer.refit_steps=[100,200,300]", "quantizer.refit_images=16384", "quantizer.refit_iters=8"]),
+    # usage past 95%: equal-mass refits (Sinkhorn) at 100-300 and at step 1400, then the decoder alone adapts to
+    # the fixed codes for the last 100 steps (at --steps 1500)
+    ("gg_balanced", "groupgen, best preset + equal-mass refits (100/200/300/1400), decoder-only after 1400",
+     "fmnist_qgvae", ["quantizer.refit_steps=[100,200,300,1400]", "quantizer.refit_balance=0.01",
+                      "quantizer.refit_images=8192", "quantizer.refit_iters=3", "train.decoder_only_after=1400"]),
 ]
 
 # The official recipe as the notebook states it (cell numbers: code and markdown cells counted from 0
