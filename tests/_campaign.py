@@ -233,7 +233,9 @@ def job_chain(kind, run, store, seed, hang=False) -> dict:
 
     k1 = rng.randint(2, 3)
     stage("signal", SLOW_STEP, lambda: last_row(run) >= k1, signal.SIGTERM if kind == "tokenizer" else signal.SIGINT, .1)
-    r["k2"] = k2 = r["signal"]["latest"] + rng.randint(1, 2)
+    # At most STEPS - 3: three slowed rows (>= 0.45 s) then remain after row k2, more than the kill's
+    # longest wait (0.3 s); k2 = latest + 2 = 6 left two rows, and a loaded host let the run finish first.
+    r["k2"] = k2 = min(r["signal"]["latest"] + rng.randint(1, 2), STEPS - 3)
     stage("kill", SLOW_STEP, lambda: last_row(run) >= k2, signal.SIGKILL, rng.uniform(0, 0.3))
     if kind == "ar":
         out, err = run_ok(argv, run.parent / f"{run.name}.resume")
