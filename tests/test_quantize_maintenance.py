@@ -279,11 +279,12 @@ def test_balanced_plan_gives_every_code_equal_mass_and_every_feature_unit_mass()
     from tokenizer.quantize_revival import balanced_plan
     torch.manual_seed(0)
     x, e = torch.randn(600, 3) * torch.tensor([3.0, 1.0, 0.3]), torch.randn(20, 3)
-    plan = balanced_plan(x, e, eps=0.5, iters=200)
+    cost = lambda x, e: Codebooks.distances(x[None].double(), e[None].double())[0]
+    plan = balanced_plan(cost(x, e), eps=0.5, iters=200)
     assert torch.allclose(plan.sum(0), torch.full((20,), 30.0, dtype=plan.dtype), rtol=1e-6)
     assert torch.allclose(plan.sum(1), torch.ones(600, dtype=plan.dtype), atol=1e-6)
     far = torch.cat([e, torch.full((1, 3), 1e3)])              # a code no feature reaches: an empty cell
-    assert balanced_plan(x, far, eps=0.05)[:, -1].sum() == 0
+    assert balanced_plan(cost(x, far), eps=0.05)[:, -1].sum() == 0
 
 
 def test_balanced_refit_evens_the_cells_that_lloyd_leaves_uneven_in_dense_data():

@@ -123,12 +123,11 @@ def soft_revive(books) -> int:
 
 
 @torch.no_grad()
-def balanced_plan(x: torch.Tensor, e: torch.Tensor, eps: float, iters: int = 20) -> torch.Tensor:
-    """Soft assignment ``[N, K]`` of features ``x [N, d]`` to codes ``e [K, d]`` with equal mass N/K per code
-    (entropic optimal transport, Sinkhorn's scaling form). Float64, each row's kernel shifted so its
-    nearest code weighs 1: at eps 0.01 the far entries reach exp(-400), below fp32's range. A code no
-    feature reaches gets a zero column (an empty cell)."""
-    C = torch.cdist(x.double(), e.double()).pow(2)
+def balanced_plan(C: torch.Tensor, eps: float, iters: int = 20) -> torch.Tensor:
+    """Soft assignment ``[N, K]`` of N features to K codes, given their squared distances ``C [N, K]``, with
+    equal mass N/K per code (entropic optimal transport, Sinkhorn's scaling form). Pass ``C`` in float64:
+    each row's kernel is shifted so its nearest code weighs 1, and at eps 0.01 the far entries reach
+    exp(-400), below fp32's range. A code no feature reaches gets a zero column (an empty cell)."""
     G = torch.exp(-(C - C.min(1, keepdim=True).values) / eps)
     N, K = G.shape
     v = torch.ones(K, dtype=G.dtype, device=G.device)
@@ -150,15 +149,19 @@ def lloyd(books, x: torch.Tensor, iters: int, balance: float = 0.0) -> int:
     e = books.codebook().clone()
     reseeded = 0
     for _ in range(iters):
-        idx = books.nearest(x, e)                                    # chunked search, [P, N]
-        near = (x - books.lookup(e, idx)).pow(2).sum(-1)
         if balance > 0:                          # equal-mass cells, a slot at a time (a plan is N x K fp64)
             counts, sums = torch.zeros(P, books.K, device=x.device), torch.zeros(P, books.K, d, device=x.device)
+            near = torch.zeros(P, N, device=x.device)
             for s in range(P):
-                plan = balanced_plan(x[s], e[s], balance)
-                counts[s], sums[s] = plan.sum(0).float(), (plan.T @ x[s].double()).float()
+                xs = x[s:s + 1].double()
+                C = books.distances(xs, e[s:s + 1].double())[0]
+                plan = balanced_plan(C, balance)
+                counts[s], sums[s] = plan.sum(0).float(), (plan.T @ xs[0]).float()
+                near[s] = C.min(1).values.clamp_min(0).float()     # distance to the nearest code, for re-seeding
             counts = torch.where(counts > 1e-6, counts, torch.zeros_like(counts))
         else:
+            idx = books.nearest(x, e)                                # chunked search, [P, N]
+            near = (x - books.lookup(e, idx)).pow(2).sum(-1)
             counts = torch.zeros(P, books.K, device=x.device).scatter_add_(1, idx, torch.ones_like(near))
             sums = torch.zeros(P, books.K, d, device=x.device).scatter_add_(
                 1, idx[..., None].expand(-1, -1, d), x)

@@ -296,8 +296,10 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
         model.train()
         return psnr_from_mse(sum(mses) / max(1, len(mses)))
 
-    decoder = {id(p) for p in model.decoder_parameters()}
-    fixed_params = [p for p in model.parameters() if id(p) not in decoder]
+    fixed_params = []                   # what decoder-only steps hold still: all but the decoder
+    if tc.decoder_only_after > 0:
+        decoder = {id(p) for p in model.decoder_parameters()}
+        fixed_params = [p for p in model.parameters() if id(p) not in decoder]
     last = {}
     last_saved = step if ck is not None else -1
     model.train()
