@@ -216,4 +216,4 @@ def test_the_verdict_rows_train_their_priors_for_equal_flops():
         budgets[spec.name] = fc.get_total_flops() * ar.train.steps
     lo, hi = min(budgets.values()), max(budgets.values())
     assert hi / lo < 1.001, budgets
-    assert len(budgets) == 8 and lo > 6e13                       # 4,800 steps x 12.9 GFLOP
+    assert len(budgets) == 7 and lo > 6e13                       # 4,800 steps x 12.9 GFLOP
