@@ -149,6 +149,7 @@ def test_collect_keeps_only_the_records_of_this_runs_config(tmp_path):
         p.write_text(json.dumps({**base, "seed": seed, "key": key}))
     rows = {r["row"]: r for r in qo.collect(a, tmp_path / "work", tmp_path / "res")["rows"]}
     assert rows["gg_best"]["seeds"] == [0] and rows["official_code"]["seeds"] == [0]
+    assert rows["gg_best"]["seeds_planned"] == [0, 1, 2] and rows["gg_best"]["partial"]   # --seeds 0,1: still 1/3
     a.official_rev = "def456"                                   # a run that knows the notebook: another revision
     rows = {r["row"]: r for r in qo.collect(a, tmp_path / "work", tmp_path / "res")["rows"]}
     assert "official_code" not in rows and rows["gg_best"]["seeds"] == [0]
