@@ -359,6 +359,7 @@ def write_study_results(res: dict, path: Path) -> None:
             "row": r["name"], "seeds": [run["seed"] for run in r["runs"]], "steps": fin.get("step"),
             "tokenizer_steps": r["tokenizer_steps"], "converged": r["tokenizer_convergence"]["converged"],
             "gain_last_fifth_db": r["tokenizer_convergence"]["gain_last_fifth_db"],
+            "tokenizer_curve": [[int(st), float(p)] for st, p in r["tokenizer_curve"]],   # held-out PSNR (train basis)
             "bits_per_image": r["bits_per_image"], "layout": r["layout_text"], "ar_overrides": r["ar_overrides"],
             "psnr_native_mean": rec.get("psnr_native_per_image"), "psnr_native_ci95": None,
             "usage_mean": rec.get("usage_mean"),

@@ -20,7 +20,7 @@ TINY_DOMAIN = ("domain.train_limit=2000,domain.test_limit=2000,domain.epochs=1,d
 def tiny_overrides(out: Path, cache: Path) -> list[str]:
     return [
         f"out={out}", "threads=1", "select=[vq_g1,mgvq_g4_subtoken]",
-        "tokenizer_overrides=[train.threads=1,train.steps=8,data.limit=512,train.eval_every=0,"
+        "tokenizer_overrides=[train.threads=1,train.steps=8,data.limit=512,train.eval_every=4,train.eval_batches=1,"
         "train.sample_every=0,train.ckpt_every=0]",
         "encode.train_limit=256", "encode.val_limit=128", "encode.batch_size=128",
         "ar.overrides=[train.threads=1,train.steps=20,train.warmup_steps=2,train.batch_size=16,train.log_every=5,"
@@ -73,7 +73,10 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
         fids = [p["fid"] for p in sr["per_seed"]]                        # 95% t interval over the 2 AR seeds
         assert len(set(fids)) == 2 and sr["fid_ci95"] == pytest.approx(12.7062047 * np.std(fids, ddof=1) / math.sqrt(2))
         assert sr["nll_bits_per_image"] == r["final"]["val_nll_bits"]
-        assert sr["psnr_native_mean"] == r["recon"]["psnr_native_per_image"] and sr["converged"] is False
+        assert sr["psnr_native_mean"] == r["recon"]["psnr_native_per_image"]
+        curve = sr["tokenizer_curve"]                                    # what `converged` was judged on
+        assert [st for st, _ in curve] == [4, 8] and sr["gain_last_fifth_db"] == pytest.approx(curve[1][1] - curve[0][1])
+        assert sr["converged"] == (sr["gain_last_fifth_db"] < 0.2)
     md = (out / "compare.md").read_text()
     assert "Equal-N floor: 2 draws of N=30" in md
     assert md.count("| vq_g1 |") == 1 and md.count("| mgvq_g4_subtoken |") == 1

@@ -379,7 +379,8 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
             n_window += 1
             bar.update(1)
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            eval_now = bool(tc.eval_every) and step % tc.eval_every == 0   # logged too, on or off the log grid
+            if step % tc.log_every == 0 or step == tc.steps or eval_now:
                 row = {"step": step, "loss": float(total.detach()), "vq": float(qlosses["vq"].detach()),
                        **{k: float(v.detach()) for k, v in parts.items()},
                        **{f"q_{k}": float(v.detach()) for k, v in qlosses.items() if k != "vq"},
@@ -389,7 +390,7 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                 row.update({f"q/{k}": float(v) for k, v in q.stats().items()})
                 row.update({f"q/{k}": float(v) for k, v in qinfo.items()})
                 q.reset_stats()
-                if tc.eval_every and step % tc.eval_every == 0 and rank == 0:
+                if eval_now and rank == 0:
                     row["eval_psnr"] = evaluate_psnr()
                 log.write(**row)
                 last = row
