@@ -428,7 +428,12 @@ def write_table(res: dict, path: Path) -> None:
         lines.append(f"Yardstick: real train images vs `{res['ref']}` with the same metric and N={b['num_samples']}: "
                      f"FID {b['fid']:.2f}, class acc {_fmt(b.get('class_acc'), 3)} (classifier test acc "
                      f"{_fmt(b.get('classifier_test_acc'), 3)}).")
-    lines += ["", "Curves: ![quality vs steps](quality_vs_steps.png) — all numbers in [compare.json](compare.json)."]
+    conv = [f"{r['name']} {r['tokenizer_steps']} steps, {_fmt(r['tokenizer_convergence']['gain_last_fifth_db'])} dB "
+            f"({'converged' if r['tokenizer_convergence']['converged'] else 'not converged'})" for r in res["rows"]]
+    lines.append(f"Tokenizers, held-out PSNR gain over the last fifth of training (converged below "
+                 f"{res['config']['tok_conv_db']} dB): " + "; ".join(conv) + ".")
+    lines += ["", "Curves: ![quality vs steps](quality_vs_steps.png) (the last panel: each tokenizer's held-out PSNR) "
+              "— all numbers in [compare.json](compare.json)."]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -440,14 +445,16 @@ def plot_quality(res: dict, path: Path) -> None:
 
     panels = [("fid", "FID (lower is better)"), ("class_acc", "class-conditional accuracy"),
               ("val_nll_bits", "AR val NLL (bits / image)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {r["name"]: cycle[i % len(cycle)] for i, r in enumerate(res["rows"])}   # one colour a row, every panel
     for ax, (k, title) in zip(axes, panels):
         for r in res["rows"]:
             pts = [(c["step"], c[k], c.get(f"{k}_std")) for c in r["curve"] if c.get(k) is not None]
             if not pts:
                 continue
             x, y, s = zip(*pts)
-            line, = ax.plot(x, y, marker="o", label=r["name"])
+            line, = ax.plot(x, y, marker="o", label=r["name"], color=color[r["name"]])
             if any(v is not None for v in s):
                 sd = np.array([v or 0.0 for v in s])
                 ax.fill_between(x, np.array(y) - sd, np.array(y) + sd, alpha=0.2, color=line.get_color())
@@ -457,6 +464,15 @@ def plot_quality(res: dict, path: Path) -> None:
         ax.set_xlabel("AR training step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    ax, seen = axes[-1], set()
+    for r in res["rows"]:                     # one line per tokenizer (rows may share one)
+        if r["tokenizer_curve"] and r["tokenizer_dir"] not in seen:
+            seen.add(r["tokenizer_dir"])
+            ax.plot(*zip(*r["tokenizer_curve"]), label=r["name"], color=color[r["name"]])
+    ax.set_xlabel("tokenizer training step")
+    ax.set_title("tokenizer held-out PSNR (dB, training basis)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,8 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
         assert sr["converged"] == (sr["gain_last_fifth_db"] < 0.2)
     md = (out / "compare.md").read_text()
     assert "Equal-N floor: 2 draws of N=30" in md
+    g = study["rows"][0]["gain_last_fifth_db"]
+    assert f"vq_g1 8 steps, {g:.2f} dB ({'converged' if g < 0.2 else 'not converged'})" in md
     assert md.count("| vq_g1 |") == 1 and md.count("| mgvq_g4_subtoken |") == 1
     # intermediate AR checkpoints keep weights for sampling but drop the DeepSpeed state
     ar_dirs = sorted((out / "stages").glob("3_ar-*"))
