@@ -8,6 +8,7 @@ import math
 
 import pytest
 
+import bench.qgvae_notebook as qn
 import bench.qgvae_official as qo
 from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
 from groupgen.config import load_config, to_dict
@@ -20,7 +21,7 @@ from bench.common import REPO
 
 def test_official_preset_follows_the_release_recipe():
     cfg = load_config(TokenizerTrainConfig, REPO / "configs/tokenizer/fmnist_qgvae_official.yaml", [])
-    r, m, q, t = qo.OFFICIAL_RECIPE, cfg.model, cfg.quantizer, cfg.train
+    r, m, q, t = qn.OFFICIAL_RECIPE, cfg.model, cfg.quantizer, cfg.train
     assert (m.arch, m.tokens, m.embed_dim, m.heads, m.down) == ("qgvae", r["tokens"], r["embed_dim"], r["heads"], r["down"])
     assert m.image_size // 2 ** m.down == 32          # DS_SPEED_FACTOR 0: the full 32x32 map, 1024 features a token
     assert (q.kind, q.num_tokens, q.codebook_size) == ("pertoken", r["tokens"], r["codebook_size"])
@@ -82,16 +83,16 @@ def _notebook() -> dict:
 def test_notebook_cells_are_split_patched_and_imported(tmp_path):
     nbfile = tmp_path / "QG-VAE.ipynb"
     nbfile.write_text(json.dumps(_notebook()))
-    nb = qo.read_notebook(nbfile)
-    assert qo.read_notebook(tmp_path) == nb                    # a folder holding it
-    model_src, train_src = qo.split_cells(nb)
-    assert all(m in model_src for m in qo._MODEL_MARKERS) and "optimiser" not in model_src
+    nb = qn.read_notebook(nbfile)
+    assert qn.read_notebook(tmp_path) == nb                    # a folder holding it
+    model_src, train_src = qn.split_cells(nb)
+    assert all(m in model_src for m in qn._MODEL_MARKERS) and "optimiser" not in model_src
     assert train_src == _TRAIN_CELL
-    patched = qo.patch_training_cell(train_src)
+    patched = qn.patch_training_cell(train_src)
     assert "range(0, EPOCHS)" in patched and "get_device" not in patched and patched.count(".device") == 2
     with pytest.raises(SystemExit):
-        qo.patch_training_cell(train_src.replace("range(0, 100)", "range(0, 5)"))
-    mod = qo.import_official(nb, tmp_path, 32, 1)
+        qn.patch_training_cell(train_src.replace("range(0, 100)", "range(0, 5)"))
+    mod = qn.import_official(nb, tmp_path, 32, 1)
     assert (mod.SETTINGS.INPUT_C, mod.SETTINGS.INPUT_W, mod.SETTINGS.INPUT_H) == (1, 32, 32)
     assert "import torch" in (tmp_path / "qgvae_official_notebook.py").read_text()
 
@@ -100,14 +101,14 @@ def test_official_adapter_scores_a_known_reconstruction_on_the_native_basis(tmp_
     """The stand-in model reconstructs every image as black (0 on [0, 1]); evaluate_tokenizer must
     give the per-image PSNR of that pair on the 28x28 centre, peak 1, and usage 1/K per token."""
     nb = _notebook()
-    mod = qo.import_official(nb, tmp_path, 32, 1)
+    mod = qn.import_official(nb, tmp_path, 32, 1)
     ae = mod.BaseAE(mod.SETTINGS, 1)
-    tok = qo.OfficialTokenizer(ae, 32, 1)
+    tok = qn.OfficialTokenizer(ae, 32, 1)
     x = build_dataset(DataConfig(name="fmnist", image_size=32, channels=1, limit=64), "test").batch(range(64))[0]
-    assert qo.check_adapter(tok, x[:4]) == 0.0
+    assert qn.check_adapter(tok, x[:4]) == 0.0
     assert tok.encode(x[:4]).shape == (4, 6, 1)
     ev = evaluate_tokenizer(tok, ReconEvalConfig(n=64, batch_size=32, lpips=False, extractor="none", device="cpu"),
-                            train_data=to_dict(qo.data_config()))
+                            train_data=to_dict(qn.data_config()))
     a = ((x[:, :, 2:30, 2:30].double() + 1) / 2).pow(2).flatten(1).mean(1)   # MSE against black, [0, 1]
     assert ev["images"] == 64 and ev["native_basis"].startswith("28x28")
     assert ev["psnr_native_per_image"] == pytest.approx(float((-10 * a.log10()).mean()), abs=1e-9)
@@ -189,7 +190,7 @@ def test_official_run_checkpoint_round_trips_without_unpickling(tmp_path):
     key = {"official": "abc", "settings": {"steps": 4, "batch": 2}}
     g = cell_globals()
     ck = tmp_path / "official_ckpt.pt"
-    loader = qo._Loader(qo._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, g, ck, every=2, key=key)
+    loader = qn._Loader(qn._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, g, ck, every=2, key=key)
     for i, _ in enumerate(loader):     # a stand-in for the cell: one optimiser step a batch
         g["ae"](torch.ones(1, 4)).sum().backward()
         g["optimiser"].step()
@@ -200,9 +201,9 @@ def test_official_run_checkpoint_round_trips_without_unpickling(tmp_path):
     st = torch.load(ck, weights_only=True)
     assert st["steps"] == 2 and st["key"] == key and st["magnitudes"].tolist() == [2.0] * 3
     h = cell_globals()
-    resumed = qo._Loader(qo._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, h, ck, every=2, key=key)
+    resumed = qn._Loader(qn._Fixed(x), lambda i: range(2 * i, 2 * i + 2), 4, 0, h, ck, every=2, key=key)
     assert len(list(resumed)) == 2 and resumed.done == 4
     assert h["steps"] == 2 and h["magnitudes"].tolist() == [2.0] * 3
     assert h["optimiser"].state_dict()["state"][0]["step"] == 2
     with pytest.raises(SystemExit, match="saved under other settings"):
-        list(qo._Loader(qo._Fixed(x), lambda i: range(2), 4, 0, cell_globals(), ck, every=2, key={"other": 1}))
+        list(qn._Loader(qn._Fixed(x), lambda i: range(2), 4, 0, cell_globals(), ck, every=2, key={"other": 1}))
