@@ -82,7 +82,7 @@ def evaluate_samples(images: np.ndarray, labels: np.ndarray | None, ref: str, cf
                              cfg.ref_resize)
     feats, logits = extract(ext, images, cfg.batch_size, progress_desc="sample features")
     is_mean, is_std = inception_score(logits, cfg.isc_splits)
-    out = {"extractor": ext.name, "num_samples": len(images), "ref": ref, "ref_n": ref_st["n"],
+    out = {"extractor": ext.name, "num_samples": len(images), "image_hw": list(hw), "ref": ref, "ref_n": ref_st["n"],
            "fid": fid_from_stats(fid_stats(feats), ref_st), "is": is_mean, "is_std": is_std}
     if cfg.pr and ref_st["pr_features"] is not None:
         sel = feats[torch.from_numpy(seeded_subset(len(feats), cfg.pr_max, seed=SAMPLES_SEED + 1))]

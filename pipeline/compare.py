@@ -38,6 +38,7 @@ from groupgen.config import ConfigError, config_hash, load_config, save_config, 
 from groupgen.runs import read_jsonl, set_threads
 from eval.study_stats import ci95, convergence
 
+from . import stage_archive
 from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores, ratios
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
@@ -84,6 +85,8 @@ class CompareConfig:
     stats: StatsSection = field(default_factory=StatsSection)
     redo: list[str] = field(default_factory=list)
     results: str = ""    # also write the study's results.json here (one object per row; issue 23's format)
+    archive: str = ""    # keep finished stages' records here (in the repository) and restore them at start:
+                         # a study continues on a machine that starts empty (pipeline/stage_archive.py)
     tok_conv_db: float = 0.2   # a tokenizer counts as converged when held-out PSNR gains less over its last fifth
 
     def validate(self):
@@ -138,6 +141,9 @@ class Comparison:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.archive = Path(cfg.archive) if cfg.archive else None
+        if self.archive:
+            stage_archive.restore(self.archive, self.out / "stages", log=_log)
         self.pipe = Pipeline(MainConfig(out=str(self.out / "stages"), threads=cfg.threads))
         self.pipe.redo = set(STAGES + EXTRA_STAGES) if "all" in cfg.redo else set(cfg.redo)
         self.memo: dict[str, tuple] = {}   # one run per key per invocation (redo must not repeat it)
@@ -154,7 +160,15 @@ class Comparison:
         h = config_hash(key)
         if (name, h) not in self.memo:
             self.memo[(name, h)] = self.pipe.stage(idx, name, key, fn)
+            if name not in stage_archive.AFTER_USE:
+                self.keep(self.memo[(name, h)][0])
         return self.memo[(name, h)]
+
+    def keep(self, *dirs) -> None:
+        """Export finished stages to the archive (when one is configured)."""
+        for d in dirs if self.archive else ():
+            if stage_archive.export_stage(Path(d), self.archive):
+                _log(f"archived {Path(d).name}")
 
     # ------------------------------------------------------------------------------- stage 1
     def tokens(self, spec: LayoutSpec) -> dict:
@@ -233,7 +247,7 @@ class Comparison:
             return evaluate_samples(data["arr_0"], data["labels"], ref, e_cfg, log=_log)
 
         _, ev, _ = self.stage(5, "eval", {"up": h4, "cfg": e_cfg, "ref": ref}, run_eval)
-        return dict(ev, samples=str(Path(smp_dir) / "samples.npz"))
+        return dict(ev, samples=str(Path(smp_dir) / "samples.npz"), sample_dir=str(smp_dir))
 
     def real_baseline(self, n: int, hw: tuple[int, int]) -> dict | None:
         from eval.fidelity import dataset_images, parse_ref
@@ -281,7 +295,7 @@ class Comparison:
             for seed in self.cfg.seeds:
                 ar_dir, ar_res, h3 = self.ar(spec, tok, seed)
                 val = {r["step"]: r["val_loss"] for r in read_jsonl(Path(ar_dir) / "metrics.jsonl") if "val_loss" in r}
-                points = []
+                points, sample_dirs = [], []
                 for ck in sorted((Path(ar_dir) / "checkpoints").glob("step_*")):
                     step = int(ck.name.split("_")[1])
                     ev = self.quality_at(ck, h3, step)
@@ -289,7 +303,10 @@ class Comparison:
                     points.append({"step": step, "fid": ev["fid"], "is": ev["is"], "class_acc": ev.get("class_acc"),
                                    "precision": ev.get("precision"), "recall": ev.get("recall"), "val_loss": vl,
                                    "val_nll_bits": (vl * layout.L * layout.G / math.log(2)) if vl is not None else None,
-                                   "num_samples": ev["num_samples"], "samples": ev["samples"]})
+                                   "num_samples": ev["num_samples"], "samples": ev["samples"],
+                                   "image_hw": ev.get("image_hw")})
+                    sample_dirs.append(ev["sample_dir"])
+                self.keep(ar_dir, *sample_dirs)   # every checkpoint scored: the weights and samples are done with
                 runs.append({"seed": seed, "dir": str(ar_dir), "params": ar_res.get("params"),
                              "final_loss": ar_res.get("loss"), "points": points})
             rows.append(self.summarise(spec, tok, layout, runs))
@@ -298,8 +315,11 @@ class Comparison:
         base = floor = None
         first = next((p for r in rows for run in r["runs"] for p in run["points"]), None)
         if first is not None:   # the yardsticks at the same N and image size as the samples
-            with np.load(first["samples"]) as z:
-                hw = tuple(int(v) for v in z["arr_0"].shape[1:3])
+            hw = first["image_hw"]
+            if hw is None:      # an eval cached before evaluate_samples recorded the size
+                with np.load(first["samples"]) as z:
+                    hw = z["arr_0"].shape[1:3]
+            hw = tuple(int(v) for v in hw)
             base = self.real_baseline(first["num_samples"], hw)
             floor = self.fid_floor(first["num_samples"], hw)
         result = {"rows": rows, "real_train_vs_ref": base, "fid_floor": floor, "config": to_dict(self.cfg),

@@ -29,6 +29,7 @@ def tiny_overrides(out: Path, cache: Path) -> list[str]:
         f"quality.overrides=[cache={cache},ref_n=300,isc_splits=1,{TINY_DOMAIN}]",
         "stats.recon_images=128", "stats.layout_overrides=[spm_train_images=100,spm_eval_images=50,spm_extra_vocab=64]",
         "quality.floor_draws=2", f"results={out.parent / 'study' / 'results.json'}", "seeds=[0,1]",
+        f"archive={out.parent / 'archive'}",
     ]
 
 
@@ -93,6 +94,20 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     res2 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
     assert sorted(p.name for p in (out / "stages").iterdir()) == before
     assert [c["fid"] for r in res2["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
+
+    # a machine that starts empty: the archive alone brings back every finished stage but the token stores
+    archive = tmp_path / "archive"
+    kept = {p.relative_to(archive).as_posix() for p in archive.rglob("*") if p.is_file()}
+    assert not any("encode" in k or k.endswith(("state.pt", ".npz", ".bin")) for k in kept)
+    assert not any("_ar-" in k and "safetensors" in k for k in kept)                # AR weights: done with
+    tok = [k for k in kept if k.startswith("1_tokenizer-") and k.endswith("model.safetensors")]
+    assert len(tok) == 2                                                            # one tokenizer a row
+    shutil.rmtree(out)
+    res3 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before              # encode redone, rest restored
+    assert not list((out / "stages").glob("3_ar-*/checkpoints/*/model.safetensors"))  # no AR run retrained
+    assert [c["fid"] for r in res3["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
+    assert res3["fid_floor"] == res["fid_floor"]
 
 
 def test_jobs_deal_rows_sharing_a_tokenizer_to_one_worker():
