@@ -142,8 +142,6 @@ class Comparison:
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.archive = Path(cfg.archive) if cfg.archive else None
-        if self.archive:
-            stage_archive.restore(self.archive, self.out / "stages", log=_log)
         self.pipe = Pipeline(MainConfig(out=str(self.out / "stages"), threads=cfg.threads))
         self.pipe.redo = set(STAGES + EXTRA_STAGES) if "all" in cfg.redo else set(cfg.redo)
         self.memo: dict[str, tuple] = {}   # one run per key per invocation (redo must not repeat it)
@@ -239,8 +237,15 @@ class Comparison:
         from sampling.sample import sample as run_sampling
 
         s_cfg, e_cfg, ref = self.s_cfg, self.e_cfg, self.cfg.quality.ref
+
+        def run_sample(d):
+            if not (Path(ckpt) / "model.safetensors").is_file():
+                raise ConfigError(f"{ckpt}: no weights to sample from: this AR run was restored from the archive "
+                                  f"as records only (scored with another sampling recipe); add redo=[ar] to retrain it")
+            return run_sampling(s_cfg, ckpt, d)
+
         smp_dir, _, h4 = self.stage(4, "sample", {"up": h_ar, "step": step, "cfg": s_cfg},
-                                    lambda d: run_sampling(s_cfg, ckpt, d))
+                                    run_sample)
 
         def run_eval(d):
             data = np.load(Path(smp_dir) / "samples.npz")
@@ -510,6 +515,8 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(CompareConfig, args.config, args.overrides)
     except ConfigError as e:
         ap.error(str(e))
+    if cfg.archive and not args.rows_only:   # before any worker starts: one process copies
+        stage_archive.restore(Path(cfg.archive), Path(cfg.out) / "stages", log=_log)
     if cfg.jobs > 1 and not args.rows_only:
         from .parallel import deal_rows, run_workers, worker_commands
 

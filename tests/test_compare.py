@@ -108,6 +108,9 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     assert not list((out / "stages").glob("3_ar-*/checkpoints/*/model.safetensors"))  # no AR run retrained
     assert [c["fid"] for r in res3["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
     assert res3["fid_floor"] == res["fid_floor"]
+    other = [o.replace("cfg_scale=3.0", "cfg_scale=2.0") for o in tiny_overrides(out, tmp_path / "cache")]
+    with pytest.raises(ConfigError, match="restored from the archive as records only.*redo=\\[ar\\]"):
+        main(["--config", CONFIG, *other])                  # another sampling recipe needs the weights back
 
 
 def test_jobs_deal_rows_sharing_a_tokenizer_to_one_worker():
