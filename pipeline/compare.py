@@ -42,6 +42,7 @@ from . import stage_archive
 from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores, ratios
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
+EXTRACTOR_DIR = "extractor"  # archive/<this>/<folder>: the domain classifier a study's FIDs come from
 
 
 @dataclass
@@ -163,10 +164,15 @@ class Comparison:
         return self.memo[(name, h)]
 
     def keep(self, *dirs) -> None:
-        """Export finished stages to the archive (when one is configured)."""
+        """Export finished stages to the archive (when one is configured), and with the first scored
+        samples the domain classifier that scored them."""
         for d in dirs if self.archive else ():
             if stage_archive.export_stage(Path(d), self.archive):
                 _log(f"archived {Path(d).name}")
+            if stage_archive.stage_name(Path(d)) == "eval":
+                ck = extractor_checkpoint(self.cfg)
+                if ck and (ck / "meta.json").is_file() and stage_archive.keep_folder(ck, self.archive / EXTRACTOR_DIR / ck.name):
+                    _log(f"archived the domain classifier {ck.name}")
 
     # ------------------------------------------------------------------------------- stage 1
     def tokens(self, spec: LayoutSpec) -> dict:
@@ -505,6 +511,28 @@ def plot_quality(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def extractor_checkpoint(cfg: CompareConfig) -> Path | None:
+    """The cached domain classifier folder that scores this comparison's samples (None: another extractor)."""
+    from eval.domain import checkpoint_path
+    from eval.generation import GenEvalConfig
+
+    q = cfg.quality
+    e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)
+    return checkpoint_path(e_cfg.domain, e_cfg.cache) if e_cfg.extractor == "domain" else None
+
+
+def restore_archive(cfg: CompareConfig) -> None:
+    """Finished stages, and the domain classifier the archived FIDs were computed with (where this machine's
+    cache has none: one trained here would differ in the last bits)."""
+    archive = Path(cfg.archive)
+    stage_archive.restore(archive, Path(cfg.out) / "stages", log=_log)
+    ck = extractor_checkpoint(cfg)
+    if ck and not (ck / "meta.json").is_file() and (archive / EXTRACTOR_DIR / ck.name).is_dir():
+        shutil.rmtree(ck, ignore_errors=True)
+        stage_archive.keep_folder(archive / EXTRACTOR_DIR / ck.name, ck)
+        _log(f"restored the domain classifier {ck.name} from {archive}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/main/compare_fmnist.yaml")
@@ -516,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ConfigError as e:
         ap.error(str(e))
     if cfg.archive and not args.rows_only:   # before any worker starts: one process copies
-        stage_archive.restore(Path(cfg.archive), Path(cfg.out) / "stages", log=_log)
+        restore_archive(cfg)
     if cfg.jobs > 1 and not args.rows_only:
         from .parallel import deal_rows, run_workers, worker_commands
 

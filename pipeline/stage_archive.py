@@ -15,6 +15,10 @@ still reads from it; ``restore`` copies archived stages that the stage folder la
 - stats, eval: everything (small JSON).
 
 Record files are ``DONE.json``, ``*.json``, ``*.jsonl``, ``*.yaml`` and ``checkpoints/latest``.
+
+``keep_folder`` copies a whole folder once; ``pipeline.compare`` keeps the domain classifier its FIDs were
+computed with that way: retrained on another machine its weights differ in the last bits (bf16 training runs
+other kernels on another CPU), and every FID of a study must come from one feature extractor.
 """
 from __future__ import annotations
 
@@ -61,14 +65,28 @@ def export_stage(d: Path, archive: Path) -> bool:
     files = kept_files(d)
     if not files:
         return False
-    tmp = archive / f".tmp-{d.name}-{os.getpid()}"
+    _copy_whole(d, files, dest)
+    return True
+
+
+def keep_folder(src: Path, dest: Path) -> bool:
+    """Copy every file of folder ``src`` to ``dest`` unless ``dest`` exists (whole or not at all)."""
+    src, dest = Path(src), Path(dest)
+    if dest.exists() or not src.is_dir():
+        return False
+    _copy_whole(src, sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file()), dest)
+    return True
+
+
+def _copy_whole(src: Path, files: list[Path], dest: Path) -> None:
+    """``files`` (relative to ``src``) into ``dest``: written aside, then renamed into place."""
+    tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     for rel in files:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(d / rel, tmp / rel)
+        shutil.copy2(src / rel, tmp / rel)
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
-    return True
 
 
 def restore(archive: Path, stages: Path, log=print) -> list[str]:

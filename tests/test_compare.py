@@ -99,11 +99,17 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     archive = tmp_path / "archive"
     kept = {p.relative_to(archive).as_posix() for p in archive.rglob("*") if p.is_file()}
     assert not any("encode" in k or k.endswith(("state.pt", ".npz", ".bin")) for k in kept)
+    assert {k.split("/")[0].split("_")[0] for k in kept} == {"1", "2", "3", "4", "5", "extractor"}
     assert not any("_ar-" in k and "safetensors" in k for k in kept)                # AR weights: done with
     tok = [k for k in kept if k.startswith("1_tokenizer-") and k.endswith("model.safetensors")]
     assert len(tok) == 2                                                            # one tokenizer a row
+    clf = [k for k in kept if k.startswith("extractor/") and k.endswith("model.safetensors")]
+    assert len(clf) == 1                                    # the domain classifier every FID came from
+    trained = (tmp_path / "cache" / "domain" / Path(clf[0]).parent.name / "model.safetensors").read_bytes()
     shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "cache" / "domain")
     res3 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
+    assert (tmp_path / "cache" / "domain" / Path(clf[0]).parent.name / "model.safetensors").read_bytes() == trained
     assert sorted(p.name for p in (out / "stages").iterdir()) == before              # encode redone, rest restored
     assert not list((out / "stages").glob("3_ar-*/checkpoints/*/model.safetensors"))  # no AR run retrained
     assert [c["fid"] for r in res3["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
