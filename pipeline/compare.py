@@ -39,7 +39,7 @@ from groupgen.runs import read_jsonl, set_threads
 from eval.study_stats import ci95, convergence
 
 from . import stage_archive
-from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores, ratios
+from .main import STAGES, EncodeSection, MainConfig, Pipeline, StageRef, encode_stores, eval_config, ratios
 
 EXTRA_STAGES = ("stats",)   # compare-only stage names (recon + layout statistics)
 EXTRACTOR_DIR = "extractor"  # archive/<this>/<folder>: the domain classifier a study's FIDs come from
@@ -136,7 +136,6 @@ def _mean_std(xs: list) -> tuple[float | None, float | None]:
 class Comparison:
     def __init__(self, cfg: CompareConfig):
         from ar_model.train import ARTrainConfig
-        from eval.generation import GenEvalConfig
         from sampling.sample import SamplingConfig
 
         self.cfg = cfg
@@ -153,7 +152,7 @@ class Comparison:
             raise ConfigError(f"quality.ref: reference batch {q.ref!r} does not exist")
         load_config(ARTrainConfig, cfg.ar.config or None, cfg.ar.overrides)   # fail fast on a bad shared recipe
         self.s_cfg = load_config(SamplingConfig, q.sampling.config or None, q.sampling.overrides)
-        self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)
+        self.e_cfg = eval_config(q)
 
     def stage(self, idx: int, name: str, key: dict, fn):
         h = config_hash(key)
@@ -169,10 +168,10 @@ class Comparison:
         for d in dirs if self.archive else ():
             if stage_archive.export_stage(Path(d), self.archive):
                 _log(f"archived {Path(d).name}")
-            if stage_archive.stage_name(Path(d)) == "eval":
-                ck = extractor_checkpoint(self.cfg)
-                if ck and (ck / "meta.json").is_file() and stage_archive.keep_folder(ck, self.archive / EXTRACTOR_DIR / ck.name):
-                    _log(f"archived the domain classifier {ck.name}")
+            ck = extractor_checkpoint(self.e_cfg) if stage_archive.stage_name(Path(d)) == "eval" else None
+            if ck and (ck / "meta.json").is_file() \
+                    and stage_archive.keep_folder(ck, self.archive / EXTRACTOR_DIR / ck.name):
+                _log(f"archived the domain classifier {ck.name}")
 
     # ------------------------------------------------------------------------------- stage 1
     def tokens(self, spec: LayoutSpec) -> dict:
@@ -511,13 +510,10 @@ def plot_quality(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def extractor_checkpoint(cfg: CompareConfig) -> Path | None:
-    """The cached domain classifier folder that scores this comparison's samples (None: another extractor)."""
+def extractor_checkpoint(e_cfg) -> Path | None:
+    """The cached domain classifier folder that scores samples under `e_cfg` (None: another extractor)."""
     from eval.domain import checkpoint_path
-    from eval.generation import GenEvalConfig
 
-    q = cfg.quality
-    e_cfg = load_config(GenEvalConfig, None, [f"extractor={q.extractor}"] + q.overrides)
     return checkpoint_path(e_cfg.domain, e_cfg.cache) if e_cfg.extractor == "domain" else None
 
 
@@ -526,7 +522,7 @@ def restore_archive(cfg: CompareConfig) -> None:
     cache has none: one trained here would differ in the last bits)."""
     archive = Path(cfg.archive)
     stage_archive.restore(archive, Path(cfg.out) / "stages", log=_log)
-    ck = extractor_checkpoint(cfg)
+    ck = extractor_checkpoint(eval_config(cfg.quality))
     if ck and not (ck / "meta.json").is_file() and (archive / EXTRACTOR_DIR / ck.name).is_dir():
         shutil.rmtree(ck, ignore_errors=True)
         stage_archive.keep_folder(archive / EXTRACTOR_DIR / ck.name, ck)

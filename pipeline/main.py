@@ -86,6 +86,14 @@ def encode_stores(tok_dir, out: Path, data_cfg, enc: EncodeSection) -> dict:
     return {"train": str(train_dir), "val": str(val_dir)}
 
 
+def eval_config(section):
+    """The sample-scoring config of an `eval`/`quality` section (extractor + overrides). One place: the scores
+    and the classifier a comparison archives must agree."""
+    from eval.generation import GenEvalConfig
+
+    return load_config(GenEvalConfig, None, [f"extractor={section.extractor}"] + section.overrides)
+
+
 def _log(msg: str) -> None:
     print(f"[pipeline.main {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -159,14 +167,14 @@ class Pipeline:
 
     def run(self) -> dict:
         from ar_model.train import train as train_ar
-        from eval.generation import GenEvalConfig, evaluate_samples, fid_floor
+        from eval.generation import evaluate_samples, fid_floor
         from sampling.sample import sample as run_sampling
         from tokenizer.train import train as train_tok
 
         c = self.cfg
         t_all = time.perf_counter()
         tok_cfg, ar_cfg, s_cfg = self.stage_configs()
-        e_cfg = self.e_cfg = load_config(GenEvalConfig, None, [f"extractor={c.eval.extractor}"] + c.eval.overrides)
+        e_cfg = self.e_cfg = eval_config(c.eval)
         run_lock = hold_run_folder(self.out, "groupgen.main")   # one job per out= (held until run returns)
         save_config(c, self.out / "config.yaml")
 
