@@ -159,19 +159,21 @@ class Comparison:
         h = config_hash(key)
         if (name, h) not in self.memo:
             self.memo[(name, h)] = self.pipe.stage(idx, name, key, fn)
-            if name not in stage_archive.AFTER_USE:
-                self.keep(self.memo[(name, h)][0])
+            if name not in stage_archive.ARCHIVED_AFTER_SCORING:
+                self.archive_finished(self.memo[(name, h)][0])
         return self.memo[(name, h)]
 
-    def keep(self, *dirs) -> None:
+    def archive_finished(self, *dirs) -> None:
         """Export finished stages to the archive (when one is configured), and with the first scored
         samples the domain classifier that scored them."""
-        for d in dirs if self.archive else ():
+        if not self.archive:
+            return
+        for d in dirs:
             if stage_archive.export_stage(Path(d), self.archive):
                 _log(f"archived {Path(d).name}")
             ck = extractor_checkpoint(self.e_cfg) if stage_archive.stage_name(Path(d)) == "eval" else None
             if ck and (ck / "meta.json").is_file() \
-                    and stage_archive.keep_folder(ck, self.archive / EXTRACTOR_DIR / ck.name):
+                    and stage_archive.copy_folder_once(ck, self.archive / EXTRACTOR_DIR / ck.name):
                 _log(f"archived the domain classifier {ck.name}")
 
     # ------------------------------------------------------------------------------- stage 1
@@ -181,14 +183,10 @@ class Comparison:
         from groupgen.tokens import TokenStore
         from eval.reconstruction import ReconEvalConfig, evaluate_tokenizer
         from tokenizer.model import load_tokenizer
-        from tokenizer.train import TokenizerTrainConfig
         from tokenizer.train import train as train_tok
 
         c = self.cfg
-        if not spec.tokenizer.config:
-            raise ConfigError(f"layouts[{spec.name}].tokenizer.config: no tokenizer preset given")
-        tok_cfg = load_config(TokenizerTrainConfig, spec.tokenizer.config,
-                              spec.tokenizer.overrides + c.tokenizer_overrides)
+        tok_cfg = tokenizer_config(c, spec)
         tok_dir, tok_res, h1 = self.stage(1, "tokenizer", {"cfg": tok_cfg},
                                           lambda d: train_tok(tok_cfg, d))
 
@@ -290,13 +288,16 @@ class Comparison:
                           lambda d: fid_floor(q.ref, n, hw, self.e_cfg, q.floor_draws, 0, log=_log))[1]
 
     # ------------------------------------------------------------------------------- driver
-    def run(self, rows_only: bool = False) -> dict:
+    def run(self, rows_only: bool = False, rows_done: bool = False) -> dict:
         """Every selected row (tokenizer, priors, quality), then the yardsticks and the outputs;
-        ``rows_only``: stop after the rows (a worker of ``jobs > 1``; its caller collects)."""
+        ``rows_only``: stop after the rows (a worker of ``jobs > 1``; its caller collects);
+        ``rows_done``: workers have just trained (and redone) the rows: reuse them, and apply ``redo`` to the
+        yardsticks only (a second redo here would repeat the workers' work)."""
         from groupgen.tokens import TokenStore
 
         t0 = time.perf_counter()
         save_config(self.cfg, self.out / "config.yaml")
+        redo, self.pipe.redo = self.pipe.redo, (set() if rows_done else self.pipe.redo)
         rows = []
         for spec in self.cfg.rows():
             _log(f"row {spec.name}: {spec.tokenizer.config} {spec.tokenizer.overrides} AR {spec.ar_overrides}")
@@ -317,11 +318,13 @@ class Comparison:
                                    "num_samples": ev["num_samples"], "samples": ev["samples"],
                                    "image_hw": ev.get("image_hw")})
                     sample_dirs.append(ev["sample_dir"])
-                self.keep(ar_dir, *sample_dirs)   # every checkpoint scored: the weights and samples are done with
+                self.archive_finished(ar_dir, *sample_dirs)   # every checkpoint scored: the weights and samples are done with
                 runs.append({"seed": seed, "dir": str(ar_dir), "params": ar_res.get("params"),
                              "final_loss": ar_res.get("loss"), "points": points})
             rows.append(self.summarise(spec, tok, layout, runs))
+        self.pipe.redo = redo
         if rows_only:
+            self.pipe.drop_set_aside()   # this worker's rows are finished: what their redo replaced can go
             return {"rows": rows}
         base = floor = None
         first = next((p for r in rows for run in r["runs"] for p in run["points"]), None)
@@ -333,6 +336,7 @@ class Comparison:
             hw = tuple(int(v) for v in hw)
             base = self.real_baseline(first["num_samples"], hw)
             floor = self.fid_floor(first["num_samples"], hw)
+        self.pipe.drop_set_aside()
         result = {"rows": rows, "real_train_vs_ref": base, "fid_floor": floor, "config": to_dict(self.cfg),
                   "extractor": self.cfg.quality.extractor, "ref": self.cfg.quality.ref,
                   "wall_seconds": round(time.perf_counter() - t0, 1)}
@@ -382,14 +386,42 @@ def extractor_checkpoint(e_cfg) -> Path | None:
 
 def restore_archive(cfg: CompareConfig) -> None:
     """Finished stages, and the domain classifier the archived FIDs were computed with (where this machine's
-    cache has none: one trained here would differ in the last bits)."""
+    cache has none: one trained here would differ in the last bits). A cached classifier of the same name
+    with other weights is an error: the study's FIDs would mix two extractors."""
     archive = Path(cfg.archive)
     stage_archive.restore(archive, Path(cfg.out) / "stages", log=_log)
     ck = extractor_checkpoint(eval_config(cfg.quality))
-    if ck and not (ck / "meta.json").is_file() and (archive / EXTRACTOR_DIR / ck.name).is_dir():
-        shutil.rmtree(ck, ignore_errors=True)
-        stage_archive.keep_folder(archive / EXTRACTOR_DIR / ck.name, ck)
-        _log(f"restored the domain classifier {ck.name} from {archive}")
+    kept = archive / EXTRACTOR_DIR / ck.name if ck else None
+    if not (kept and (kept / "meta.json").is_file()):
+        return
+    if (ck / "meta.json").is_file():
+        if (ck / "model.safetensors").read_bytes() != (kept / "model.safetensors").read_bytes():
+            raise ConfigError(f"the domain classifier cached at {ck} has other weights than the one this study's "
+                              f"FIDs were computed with ({kept}): move the cached one away (the archived one is "
+                              "then restored) or give this study its own cache (quality.overrides=[cache=...])")
+        return
+    shutil.rmtree(ck, ignore_errors=True)
+    stage_archive.copy_folder_once(kept, ck)
+    _log(f"restored the domain classifier {ck.name} from {archive}")
+
+
+def train_extractor_once(cfg: CompareConfig) -> None:
+    """Before several workers start: the domain classifier, trained by this one process if the cache has none
+    (two workers would each train one, and score their rows with different weights)."""
+    e_cfg = eval_config(cfg.quality)
+    if e_cfg.extractor == "domain":
+        from eval.domain import load_or_train
+
+        load_or_train(e_cfg.domain, e_cfg.cache, log=_log)
+
+
+def tokenizer_config(cfg: CompareConfig, spec: LayoutSpec):
+    """A row's tokenizer training config (its stage key: rows with equal ones share one tokenizer)."""
+    from tokenizer.train import TokenizerTrainConfig
+
+    if not spec.tokenizer.config:
+        raise ConfigError(f"layouts[{spec.name}].tokenizer.config: no tokenizer preset given")
+    return load_config(TokenizerTrainConfig, spec.tokenizer.config, spec.tokenizer.overrides + cfg.tokenizer_overrides)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -407,10 +439,11 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.jobs > 1 and not args.rows_only:
         from .parallel import deal_rows, run_workers, worker_commands
 
-        keys = [(s.name, (s.tokenizer.config, tuple(s.tokenizer.overrides))) for s in cfg.rows()]
+        train_extractor_once(cfg)
+        keys = [(s.name, config_hash(tokenizer_config(cfg, s))) for s in cfg.rows()]
         run_workers(worker_commands(args.config, args.overrides, deal_rows(keys, cfg.jobs)), log=_log)
     set_threads(cfg.threads)
-    return Comparison(cfg).run(rows_only=args.rows_only)
+    return Comparison(cfg).run(rows_only=args.rows_only, rows_done=cfg.jobs > 1 and not args.rows_only)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class Pipeline:
     def _redo_from(self, name: str) -> None:
         # a later stage's key holds only upstream config hashes, so it would reuse a result computed from
         # the replaced upstream one: redo it too
-        self.redo.update(STAGES[STAGES.index(name):])
+        self.redo.update(STAGES[STAGES.index(name):] if name in STAGES else (name,))   # e.g. compare's stats
 
     def stage(self, idx: int, name: str, key: dict, run):
         """Run ``run(dir)`` unless a finished run with the same key exists; return (dir, result, hash)."""

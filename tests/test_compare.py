@@ -1,5 +1,6 @@
 """pipeline.compare: a tiny two-layout comparison end to end, its outputs, caching, and config errors;
 the Makefile's bench target."""
+import dataclasses
 import json
 import math
 import shutil
@@ -33,7 +34,7 @@ def tiny_overrides(out: Path, cache: Path) -> list[str]:
     ]
 
 
-def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
+def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     res = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
     for f in ("compare.md", "compare.json", "quality_vs_steps.png", "config.yaml"):
@@ -94,6 +95,16 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     res2 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
     assert sorted(p.name for p in (out / "stages").iterdir()) == before
     assert [c["fid"] for r in res2["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
+    # a redo of compare's own stats stage: recomputed once, re-archived, and what it replaced removed at the end
+    stats = sorted((out / "stages").glob("2_stats-*"))
+    first = [(d / "DONE.json").read_bytes() for d in stats]
+    main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache"), "redo=[stats]"])
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before                # no .old-* left behind
+    assert [(d / "DONE.json").read_bytes() for d in stats] != first
+    assert [(tmp_path / "archive" / d.name / "DONE.json").read_bytes() for d in stats] == \
+        [(d / "DONE.json").read_bytes() for d in stats]
+    main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])                 # and a plain rerun reuses
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before
 
     # a machine that starts empty: the archive alone brings back every finished stage but the token stores
     archive = tmp_path / "archive"
@@ -108,6 +119,11 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     trained = (tmp_path / "cache" / "domain" / Path(clf[0]).parent.name / "model.safetensors").read_bytes()
     shutil.rmtree(out)
     shutil.rmtree(tmp_path / "cache" / "domain")
+
+    def no_training(*a, **k):
+        raise AssertionError("the archived domain classifier must be restored, not retrained")
+
+    monkeypatch.setattr("eval.domain.train_domain_classifier", no_training)
     res3 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
     assert (tmp_path / "cache" / "domain" / Path(clf[0]).parent.name / "model.safetensors").read_bytes() == trained
     assert sorted(p.name for p in (out / "stages").iterdir()) == before              # encode redone, rest restored
@@ -117,6 +133,10 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path):
     other = [o.replace("cfg_scale=3.0", "cfg_scale=2.0") for o in tiny_overrides(out, tmp_path / "cache")]
     with pytest.raises(ConfigError, match="restored from the archive as records only.*redo=\\[ar\\]"):
         main(["--config", CONFIG, *other])                  # another sampling recipe needs the weights back
+    cached = tmp_path / "cache" / "domain" / Path(clf[0]).parent.name / "model.safetensors"
+    cached.write_bytes(trained[:-1] + bytes([trained[-1] ^ 1]))                     # another machine's retrain
+    with pytest.raises(ConfigError, match="domain classifier cached at .* other weights .*extractor"):
+        main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])     # FIDs must not mix extractors
 
 
 def test_jobs_deal_rows_sharing_a_tokenizer_to_one_worker():
@@ -162,6 +182,20 @@ def test_jobs_2_trains_the_rows_in_two_processes_to_the_same_numbers(tmp_path):
     assert two["fid_floor"]["fid"] == one["fid_floor"]["fid"]
 
 
+def test_jobs_2_redo_runs_once_and_the_classifier_is_trained_before_the_workers(tmp_path, capfd):
+    common = [o for o in tiny_overrides(tmp_path / "x", tmp_path / "cache") if not o.startswith(("out=", "seeds="))]
+    args = ["--config", CONFIG, "jobs=2", *common, f"out={tmp_path / 'two'}", "seeds=[0]"]
+    main(args)
+    log = capfd.readouterr().err
+    assert log.count("training the domain classifier") == 1                    # by the caller, for both workers
+    assert log.index("training the domain classifier") < log.index("worker 0:")
+    main(args + ["redo=[eval]"])
+    log = capfd.readouterr().err
+    # 2 rows x 2 checkpoints scored again by the workers, the floor and the baseline by the caller: no more
+    assert log.count("stage eval: running") == 4 + 2
+    assert not list((tmp_path / "two" / "stages").glob(".old-*"))
+
+
 def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
     cfg = load_config(CompareConfig, CONFIG)
     names = [r.name for r in cfg.rows()]
@@ -170,6 +204,14 @@ def test_both_mgvq_head_rows_share_one_tokenizer_key_and_config_errors():
     assert every[:4] == names and {"vq_g1_subtoken", "rvq_d4", "fsq", "lfq_g2", "emavq"} == set(every[4:])
     indep, sub = cfg.layouts[1], cfg.layouts[2]
     assert indep.tokenizer == sub.tokenizer and indep.ar_overrides != sub.ar_overrides
+    # workers are dealt rows by the tokenizer config they load, not by the override text
+    from groupgen.config import config_hash
+    from pipeline.compare import tokenizer_config
+
+    spelled = dataclasses.replace(indep, tokenizer=dataclasses.replace(
+        indep.tokenizer, overrides=indep.tokenizer.overrides + [f"train.seed={tokenizer_config(cfg, indep).train.seed}"]))
+    assert config_hash(tokenizer_config(cfg, spelled)) == config_hash(tokenizer_config(cfg, indep))
+    assert config_hash(tokenizer_config(cfg, cfg.layouts[0])) != config_hash(tokenizer_config(cfg, indep))
     with pytest.raises(ConfigError, match="unknown rows"):
         load_config(CompareConfig, CONFIG, ["select=[nope]"])
     with pytest.raises(ConfigError, match="redo"):
