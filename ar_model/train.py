@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import math
 import os
 import signal
-import socket
 import sys
 import typing
 import warnings
@@ -40,11 +38,12 @@ if __package__ in (None, ""):  # run as a file (e.g. the deepspeed launcher with
 import numpy as np
 import torch
 
-from ar_model.checkpointing import (check_resume_meta, clean_partial_saves, find_resume, fp32_masters, load_ema,
+from ar_model.checkpointing import (check_resume_meta, clean_partial_saves, find_resume, load_ema,
                                     load_resume_state, save_training_checkpoint, vet_engine_files)
 from ar_model.cpu import dispatch
 from ar_model.data import Prefetch, TokenBatches, split_indices, val_batches
 from ar_model.ema import EMA
+from ar_model.engine import LossModule, ds_config, ema_source, init_distributed, release_engine
 from ar_model.model import GPT, GPTConfig, ar_meta, gpt_config, make_adamw
 from groupgen import checkpoint as ckpt
 from groupgen.cli import user_errors
@@ -54,10 +53,6 @@ from groupgen.runlock import hold_run_folder
 from groupgen.runs import (MetricsLog, StopSignals, Timer, lr_multiplier, progress, read_jsonl, seed_everything,
                            set_threads)
 from groupgen.tokens import TokenStore
-
-REPO = Path(__file__).resolve().parents[1]
-DS_CONFIG_DIR = REPO / "configs" / "deepspeed"
-
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN/Inf; the last good checkpoint is kept."""
@@ -156,75 +151,6 @@ def lr_lambda(tc: TrainSection) -> Callable[[int], float]:
     return lambda s: lr_multiplier(s, tc.steps, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
 
 
-# ------------------------------------------------------------------------------ distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Env defaults for a plain single process, then ``deepspeed.init_distributed`` (idempotent)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        # Without these DeepSpeed tries MPI discovery (mpi4py) and fails.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # read when deepspeed is first imported
-    import deepspeed
-
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local % torch.cuda.device_count())
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(verbose=False)
-    return rank, world, local
-
-
-def _ds_config(tc: TrainSection, world: int, bf16: bool) -> dict:
-    path = DS_CONFIG_DIR / f"zero{tc.zero_stage}.json" if isinstance(tc.zero_stage, int) else Path(tc.zero_stage)
-    if not path.is_file():
-        raise ConfigError(f"train.zero_stage: DeepSpeed config {str(path)!r} does not exist")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    for key in ("optimizer", "scheduler"):
-        if key in d:   # a config optimizer JIT-builds fused_adam and bypasses our weight-decay groups
-            raise ConfigError(f"{path}: remove {key!r}; the trainer passes its own AdamW and LR schedule")
-    # The train config owns batch, clipping and precision; the JSON owns ZeRO and comm settings.
-    d.update(train_micro_batch_size_per_gpu=tc.batch_size, gradient_accumulation_steps=tc.grad_accum,
-             train_batch_size=tc.batch_size * tc.grad_accum * world, gradient_clipping=float(tc.clip),
-             bf16={"enabled": bf16}, fp16={"enabled": False})
-    d.setdefault("zero_optimization", {"stage": 0})
-    stage = d["zero_optimization"].get("stage", 0)
-    if stage == 3:
-        # DeepSpeed's default swaps torch.nn.functional.linear for its own for the rest of the process
-        # (the bias added in a second rounding): every later F.linear, sampling included, changed
-        d["zero_optimization"]["memory_efficient_linear"] = False
-    if bf16 and stage == 1:
-        # bf16 gradients summed over micro-batches and ranks lose low bits; DeepSpeed's BF16_Optimizer
-        # accumulates and reduces them in fp32 (ZeRO-1 only: ZeRO-0 has no such mode, ZeRO-2/3 reduce
-        # in the model's dtype). The module weights stay bf16 with fp32 masters (BENCHMARKS.md).
-        d.setdefault("data_types", {"grad_accum_dtype": "fp32"})
-    if not torch.cuda.is_available():
-        # no streams to overlap on the CPU accelerator; the JSON's setting is for GPUs
-        d["zero_optimization"]["overlap_comm"] = False
-    return d
-
-
-class _LossModule(torch.nn.Module):
-    """What the engine wraps: forward = the GPT's training loss (so ZeRO hooks see the whole pass)."""
-
-    def __init__(self, gpt: GPT):
-        super().__init__()
-        self.gpt = gpt
-
-    def forward(self, codes, labels):
-        return self.gpt.loss(codes, labels)
-
-
 # ---------------------------------------------------------------------------------- training
 @torch.no_grad()
 def evaluate(engine, store: TokenStore, indices: np.ndarray, tc: TrainSection, rank: int, world: int,
@@ -277,7 +203,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     root = run / "checkpoints"
     resume_from = find_resume(tc, root)
     bf16 = use_bf16(tc.precision)
-    ds_cfg = _ds_config(tc, world, bf16)
+    ds_cfg = ds_config(tc, world, bf16)
     stage = int(ds_cfg["zero_optimization"].get("stage", 0))
     if tc.ema and stage == 3:
         raise ConfigError("train.ema is not supported with ZeRO-3 (parameters are partitioned)")
@@ -304,7 +230,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     lam = lr_lambda(tc)
     opt = make_adamw(gpt, tc.lr, tc.betas, tc.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
-        model=_LossModule(gpt), optimizer=opt, config=ds_cfg,
+        model=LossModule(gpt), optimizer=opt, config=ds_cfg,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lam))
     device = engine.device if isinstance(engine.device, torch.device) else torch.device(engine.device)
     gpt = engine.module.gpt
@@ -325,7 +251,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                           f"not restored, so this resume will not reproduce an uninterrupted run exactly")
     ema = None
     if tc.ema and rank == 0:
-        ema = EMA(_ema_source(engine), tc.ema)
+        ema = EMA(ema_source(engine), tc.ema)
         if resume_from is not None:
             load_ema(ema, resume_from)
 
@@ -426,7 +352,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
                 engine.step()
                 acc += torch.cat([loss.detach().reshape(1), per.detach()]).double()
             if ema is not None:
-                ema.update(_ema_source(engine), step)
+                ema.update(ema_source(engine), step)
             step += 1
             # The previous step's numbers are read now, while this step runs on the GPU: no sync per
             # step. So a stop request (or a non-finite loss) is seen one step later than it happened.
@@ -460,7 +386,7 @@ def train(cfg: ARTrainConfig, tokens_dir: str | Path | None = None, out_dir: str
     finally:
         bar.close()
         stop.restore()
-        _release(engine)
+        release_engine(engine)
     if not last and rank == 0 and (run / "metrics.jsonl").is_file():   # nothing left to train: report the log's end
         rows = read_jsonl(run / "metrics.jsonl")
         last = next((r for r in reversed(rows) if "loss" in r), {})
@@ -482,15 +408,6 @@ def all_finite(gpt: GPT) -> bool:
     return all(torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in gpt.parameters())
 
 
-def _ema_source(engine) -> dict[str, torch.Tensor]:
-    """What the EMA averages: each parameter's fp32 master under bf16 ZeRO-0 (the module holds
-    bf16-rounded copies), else the parameter. ZeRO-1/2 partition the masters, and fetching them
-    every step would be a collective: there the EMA averages the module's bf16 weights."""
-    params = dict(engine.module.gpt.named_parameters())
-    masters = fp32_masters(engine, local_only=True) or {}
-    return {k: masters.get(id(p), p) for k, p in params.items()}
-
-
 def _log_window(st: dict, G: int, where) -> tuple[torch.Tensor, int]:
     """The losses summed since the last log line, from a resumed trainer state (empty when the
     checkpoint predates saving it)."""
@@ -501,13 +418,6 @@ def _log_window(st: dict, G: int, where) -> tuple[torch.Tensor, int]:
         got = tuple(win.shape) if isinstance(win, torch.Tensor) else type(win).__name__
         raise ckpt.CheckpointError(f"{where}/state.pt: 'log_window' is {got}, expected a tensor of shape ({1 + G},)")
     return win.to(torch.float64).clone(), int(st.get("log_window_n", 0))
-
-
-def _release(engine) -> None:
-    destroy = getattr(engine, "destroy", None)
-    if callable(destroy):
-        destroy()
-    gc.collect()
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     store = Path(a.tokens) if a.tokens else synthetic_store(work / "store")
     arms = {"fp32": ["train.precision=fp32"], "bf16, fp32 sums": ["train.precision=bf16"],
             "bf16, bf16 sums": ["train.precision=bf16"], "autocast, fp32 weights": ["train.precision=bf16"]}
-    real_cfg = T._ds_config
+    real_cfg = T.ds_config
     out: dict = {"steps": a.steps, "store": str(store), "arms": {}}
     for arm, ov in arms.items():
         finals = []
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
                     d["bf16"] = {"enabled": False}
                     d.pop("data_types", None)
                 return d
-            T._ds_config = ds_cfg
+            T.ds_config = ds_cfg
             cfg = load_config(T.ARTrainConfig, str(REPO / "configs/ar/fmnist_tiny.yaml"),
                               ["train.zero_stage=1", f"train.steps={a.steps}", "train.grad_accum=4", "train.batch_size=8",
                                f"train.seed={seed}", "train.eval_every=0", "train.ckpt_every=100000", "train.threads=1",
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
             res = T.train(cfg, store, work / f"{arm.replace(' ', '_').replace(',', '')}_{seed}")
             finals.append(res["val_loss"])
             print(json.dumps({"arm": arm, "seed": seed, "val_loss": res["val_loss"]}), flush=True)
-        T._ds_config = real_cfg
+        T.ds_config = real_cfg
         m = float(np.mean(finals))
         s = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
         out["arms"][arm] = {"val_loss": finals, "mean": m, "ci95": 4.303 * s / np.sqrt(len(finals)) if len(finals) == 3 else None}

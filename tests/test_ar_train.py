@@ -282,12 +282,13 @@ def test_deepspeed_configs_overlap_comm_and_accumulate_bf16_gradients_in_fp32():
     which has no streams); bf16 ZeRO-1 sums gradients over micro-batches and ranks in fp32
     (DeepSpeed's BF16_Optimizer), not in bf16."""
     import json
-    from ar_model.train import DS_CONFIG_DIR, TrainSection, _ds_config
+    from ar_model.engine import DS_CONFIG_DIR, ds_config
+    from ar_model.train import TrainSection
     for stage in (2, 3):
         assert json.loads((DS_CONFIG_DIR / f"zero{stage}.json").read_text())["zero_optimization"]["overlap_comm"]
-        assert _ds_config(TrainSection(zero_stage=stage), 2, True)["zero_optimization"]["overlap_comm"] is False
-    assert _ds_config(TrainSection(zero_stage=1), 8, True)["data_types"] == {"grad_accum_dtype": "fp32"}
-    assert "data_types" not in _ds_config(TrainSection(zero_stage=1), 8, False)
+        assert ds_config(TrainSection(zero_stage=stage), 2, True)["zero_optimization"]["overlap_comm"] is False
+    assert ds_config(TrainSection(zero_stage=1), 8, True)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in ds_config(TrainSection(zero_stage=1), 8, False)
 
 
 def test_bf16_zero1_trains_on_the_fp32_accumulating_optimizer(store, tmp_path, monkeypatch):
