@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,17 +26,15 @@ import torch
 
 from groupgen.checkpoint import CheckpointError, atomic_write_text, checkpoint_hash, load_meta, resolve_checkpoint
 from groupgen.cli import user_errors
-from groupgen.config import ConfigError, config_hash, load_config, to_dict
+from groupgen.config import ConfigError, load_config, to_dict
 from groupgen.layout import LayoutError, TokenLayout
 from groupgen.runlock import hold_run_folder
 from groupgen.runs import autocast, default_device, dist_info, progress
 
 from .classes import class_names_for, resolve_classes, sample_labels
 from .logits import GroupPicker, GroupSettings, cfg_scale_at, per_group
-
-
-class SamplingError(RuntimeError):
-    pass
+from .shards import (SamplingError, canonical_settings, chunk_ok, chunk_path, claim_shards_dir, shards_key,
+                     wait_for_chunks, write_npz)
 
 
 @dataclass
@@ -80,12 +77,6 @@ class SamplingConfig:
             # bf16 compute makes bf16-valued keys and values: an fp32 cache only doubles its memory
             raise ValueError("kv_cache=fp32 with precision=bf16 stores bf16 values at twice the memory; "
                              "use kv_cache=auto or kv_cache=bf16 (or precision=fp32)")
-
-
-# Settings that only change how results are presented (not the samples): excluded from the
-# fingerprint that guards resuming into an existing shards/ folder.
-_PRESENTATION = ("save_png", "grid_per_class", "grid_max_rows", "wait_timeout_s", "device",
-                 "allow_tokenizer_mismatch")   # the tokenizer's own hash is in the fingerprint
 
 
 @dataclass
@@ -282,80 +273,11 @@ def decode_images(tokenizer, codes: torch.Tensor, cfg: SamplingConfig, device: t
     return to_uint8_nhwc(x)
 
 
-# --- chunk files --------------------------------------------------------------------------------
-def _chunk_path(out: Path, c: int) -> Path:
-    return out / "shards" / f"chunk_{c:05d}.npz"
-
-
-def _write_npz(path: Path, **arrays) -> None:
-    """Write an .npz atomically: straight into a temp file in the same folder (no in-memory copy of
-    the archive), fsync, then rename."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _chunk_ok(path: Path, labels: np.ndarray) -> bool:
-    """A chunk file counts as done only if it loads and holds exactly the expected labels."""
-    if not path.is_file():
-        return False
-    try:
-        with np.load(path) as z:
-            return (z["arr_0"].dtype == np.uint8 and z["arr_0"].shape[0] == len(labels)
-                    and np.array_equal(z["labels"], labels))
-    except Exception:
-        return False
-
-
-def _canonical(config: dict) -> dict:
-    """The settings a shards folder is keyed by. Settings added after such folders were first
-    written are left out where they hold their default meaning, so those folders still resume: the
-    KV cache at the precision's own dtype ("auto" and that dtype are one setting, and folders from
-    before the setting lack it) and the model's own weights (``weights=model``)."""
-    d = {k: v for k, v in config.items() if k not in _PRESENTATION}
-    if d.get("kv_cache", "auto") in ("auto", d.get("precision", "fp32")):
-        d.pop("kv_cache", None)
-    if d.get("weights", "model") == "model":
-        d.pop("weights", None)
-    return d
-
-
-def _key(config: dict, ckpt_hash, tokenizer_hash) -> str:
-    return config_hash({"c": config, "a": ckpt_hash, "t": tokenizer_hash})
-
-
 def _fingerprint(cfg: SamplingConfig, models: Models, plan: Plan) -> dict:
-    d = _canonical(to_dict(cfg))
+    d = canonical_settings(to_dict(cfg))
     return {"config": d, "ckpt_hash": models.ckpt_hash, "tokenizer_hash": models.tokenizer_hash,
             "num_samples": int(len(plan.labels)), "num_chunks": len(plan.chunks),
-            "key": _key(d, models.ckpt_hash, models.tokenizer_hash)}
-
-
-def _claim_shards_dir(out: Path, fp: dict) -> None:
-    """Create DIR/shards with our fingerprint, or check an existing one matches (safe resume)."""
-    shards = out / "shards"
-    shards.mkdir(parents=True, exist_ok=True)
-    f = shards / "fingerprint.json"
-    if f.is_file():
-        old = json.loads(f.read_text())
-        # re-keyed from its settings: a folder written before _canonical existed stored the raw ones
-        old_cfg = _canonical(old.get("config", {}))
-        if _key(old_cfg, old.get("ckpt_hash"), old.get("tokenizer_hash")) != fp["key"]:
-            diff = sorted(k for k in set(old_cfg) | set(fp["config"]) if old_cfg.get(k) != fp["config"].get(k))
-            for k in ("ckpt_hash", "tokenizer_hash"):
-                if old.get(k) != fp[k]:
-                    diff.append(k)
-            raise SamplingError(f"{shards} holds chunks from different settings (differ: {diff}); "
-                                f"use another --out or remove {shards}")
-    else:
-        atomic_write_text(f, json.dumps(fp, indent=1, sort_keys=True))
+            "key": shards_key(d, models.ckpt_hash, models.tokenizer_hash)}
 
 
 def run_shard(cfg: SamplingConfig, ckpt, out_dir, rank: int = 0, world: int = 1, tokenizer=None) -> dict:
@@ -366,7 +288,7 @@ def run_shard(cfg: SamplingConfig, ckpt, out_dir, rank: int = 0, world: int = 1,
     device = torch.device(cfg.device) if cfg.device else default_device()
     models, plan = load_models(ckpt, tokenizer, device, cfg)
     out = Path(out_dir)
-    _claim_shards_dir(out, _fingerprint(cfg, models, plan))
+    claim_shards_dir(out, _fingerprint(cfg, models, plan))
     load_s = time.perf_counter() - t0
     mine = list(range(rank, len(plan.chunks), world))
     done, skipped = [], []
@@ -385,8 +307,8 @@ def _make_chunks(cfg: SamplingConfig, models: Models, plan: Plan, out: Path, min
     for c in progress(mine, desc=f"sampling (rank {rank})", unit="chunk"):
         a, b = plan.chunks[c]
         labels = plan.labels[a:b]
-        path = _chunk_path(out, c)
-        if _chunk_ok(path, labels):
+        path = chunk_path(out, c)
+        if chunk_ok(path, labels):
             skipped.append(c)
             continue
         gen = torch.Generator(device=device)
@@ -398,25 +320,13 @@ def _make_chunks(cfg: SamplingConfig, models: Models, plan: Plan, out: Path, min
         t2 = time.perf_counter()
         images = decode_images(models.tokenizer, codes, cfg, device)
         t3 = time.perf_counter()
-        _write_npz(path, arr_0=images, labels=labels.astype(np.int64),
+        write_npz(path, arr_0=images, labels=labels.astype(np.int64),
                    codes=codes.cpu().numpy().astype(plan.layout.code_dtype()),
                    gen_s=np.float64(t2 - t1), decode_s=np.float64(t3 - t2))
         done.append(c)
 
 
 # --- merging ------------------------------------------------------------------------------------
-def _wait_for_chunks(out: Path, plan: Plan, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        missing = [c for c in range(len(plan.chunks)) if not _chunk_path(out, c).is_file()]
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise SamplingError(f"{out / 'shards'}: {len(missing)} chunks still missing after {timeout_s:.0f} s "
-                                f"(e.g. {missing[:5]}); rerun the same command to resume")
-        time.sleep(0.5)
-
-
 def save_grid(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int, max_rows: int,
               pad: int = 2) -> None:
     """One row per class (in order of first appearance), up to ``per_class`` samples per row."""
@@ -451,14 +361,14 @@ def merge_shards(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, wait: bool 
         models = Models(None, meta, None, str(ck), str(tk), checkpoint_hash(ck, cfg.weights), checkpoint_hash(tk),
                         cfg.weights)
         plan = make_plan(cfg, _layout_of(meta, str(ck)), int(meta["num_classes"]), meta.get("class_names"))
-    _claim_shards_dir(out, _fingerprint(cfg, models, plan))
+    claim_shards_dir(out, _fingerprint(cfg, models, plan))
     if wait:
-        _wait_for_chunks(out, plan, cfg.wait_timeout_s)
+        wait_for_chunks(out, len(plan.chunks), cfg.wait_timeout_s)
     parts = {"arr_0": [], "labels": [], "codes": []}
     gen_s = dec_s = 0.0
     for c, (a, b) in enumerate(plan.chunks):
-        path = _chunk_path(out, c)
-        if not _chunk_ok(path, plan.labels[a:b]):
+        path = chunk_path(out, c)
+        if not chunk_ok(path, plan.labels[a:b]):
             raise SamplingError(f"{path}: missing or not matching the planned labels; rerun to resume")
         with np.load(path) as z:
             for k in parts:
@@ -467,7 +377,7 @@ def merge_shards(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, wait: bool 
             dec_s += float(z["decode_s"])
     # each key's chunks are dropped once joined: two copies of one key's data at most, not of all
     arrays = {k: np.concatenate(parts.pop(k)) for k in list(parts)}
-    _write_npz(out / "samples.npz", **arrays)
+    write_npz(out / "samples.npz", **arrays)
     save_grid(arrays["arr_0"], arrays["labels"], out / "grid.png", cfg.grid_per_class, cfg.grid_max_rows)
     if cfg.save_png:
         from PIL import Image
@@ -507,7 +417,7 @@ def sample(cfg: SamplingConfig, ckpt, out_dir, tokenizer=None, rank: int | None 
         device = torch.device(cfg.device) if cfg.device else default_device()
         ckpt, _ = load_models(ckpt, tokenizer, device, cfg)
     # rank 0 owns DIR; other ranks (no process group here) only add chunk files, which are the same
-    # bytes for the same fingerprint, and a foreign fingerprint is refused by _claim_shards_dir
+    # bytes for the same fingerprint, and a foreign fingerprint is refused by claim_shards_dir
     run_lock = hold_run_folder(out_dir, "sampling.sample", rank) if rank == 0 else None  # noqa: F841
     shard = run_shard(cfg, ckpt, out_dir, rank, world)
     if rank != 0:

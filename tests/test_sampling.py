@@ -19,7 +19,8 @@ from groupgen.layout import LayoutError
 from sampling.classes import ClassError, builtin_names, resolve_classes, sample_labels
 from sampling.logits import (GroupPicker, GroupSettings, cfg_scale_at, draw, filter_logits, per_group,
                              sample_from_logits, top_p_mask)
-from sampling.sample import (SamplingConfig, SamplingError, _write_npz, generate_codes, kv_cache_dtype, load_models,
+from sampling.shards import write_npz
+from sampling.sample import (SamplingConfig, SamplingError, generate_codes, kv_cache_dtype, load_models,
                              main, merge_shards, run_shard, sample)
 from tokenizer.model import ModelConfig, Tokenizer
 from tokenizer.quantize import QuantizerConfig
@@ -407,7 +408,7 @@ def test_write_npz_streams_to_disk_and_reads_back(tmp_path):
     path = tmp_path / "x.npz"
     tracemalloc.start()
     try:
-        _write_npz(path, arr_0=a, labels=lab)
+        write_npz(path, arr_0=a, labels=lab)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
