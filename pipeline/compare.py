@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from groupgen.checkpoint import atomic_write_text
+from groupgen.cli import user_errors
 from groupgen.config import ConfigError, config_hash, load_config, save_config, to_dict
+from groupgen.runlock import hold_run_folder
 from groupgen.runs import read_jsonl, set_threads
 from eval.study_stats import ci95, convergence
 
@@ -434,17 +436,27 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(CompareConfig, args.config, args.overrides)
     except ConfigError as e:
         ap.error(str(e))
-    if cfg.archive and not args.rows_only:   # before any worker starts: one process copies
-        restore_archive(cfg)
-    if cfg.jobs > 1 and not args.rows_only:
-        from .parallel import deal_rows, run_workers, worker_commands
+    if args.rows_only:   # a worker: its caller holds the folder and has restored and dealt the rows
+        set_threads(cfg.threads)
+        return Comparison(cfg).run(rows_only=True)
+    # one comparison per out= (its workers run under this one): a second would train the same stages
+    lock = hold_run_folder(cfg.out, "pipeline.compare")
+    try:
+        if cfg.archive:   # before any worker starts: one process copies
+            restore_archive(cfg)
+        if cfg.jobs > 1:
+            from .parallel import deal_rows, run_workers, worker_commands
 
-        train_extractor_once(cfg)
-        keys = [(s.name, config_hash(tokenizer_config(cfg, s))) for s in cfg.rows()]
-        run_workers(worker_commands(args.config, args.overrides, deal_rows(keys, cfg.jobs)), log=_log)
-    set_threads(cfg.threads)
-    return Comparison(cfg).run(rows_only=args.rows_only, rows_done=cfg.jobs > 1 and not args.rows_only)
+            train_extractor_once(cfg)
+            keys = [(s.name, config_hash(tokenizer_config(cfg, s))) for s in cfg.rows()]
+            run_workers(worker_commands(args.config, args.overrides, deal_rows(keys, cfg.jobs)), log=_log)
+        set_threads(cfg.threads)
+        return Comparison(cfg).run(rows_done=cfg.jobs > 1)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors("python -m pipeline.compare"):
+        main()

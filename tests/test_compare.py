@@ -288,3 +288,28 @@ def test_the_verdict_rows_train_their_priors_for_equal_flops():
     lo, hi = min(budgets.values()), max(budgets.values())
     assert hi / lo < 1.001, budgets
     assert len(budgets) == 7 and lo > 6e13                       # 4,800 steps x 12.9 GFLOP
+
+
+def test_one_comparison_per_out_folder(tmp_path):
+    """A second comparison on a folder in use is refused, naming the holder, before it touches anything."""
+    import sys
+
+    out = tmp_path / "cmp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {str(Path.cwd())!r}); "
+         f"from groupgen.runlock import hold_run_folder; l = hold_run_folder({str(out)!r}, 'pipeline.compare'); "
+         "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = ["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")]
+        from groupgen.runlock import RunLockedError
+        with pytest.raises(RunLockedError, match=f"run folder {out} is in use by pid {holder.pid}.*pipeline.compare"):
+            main(args)
+        cli = subprocess.run([sys.executable, "-m", "pipeline.compare", *args], capture_output=True, text=True)
+        assert cli.returncode == 1 and cli.stderr.startswith("python -m pipeline.compare: error: run folder")
+        assert "Traceback" not in cli.stderr
+        assert sorted(p.name for p in out.iterdir()) == [".groupgen.lock"]   # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "archive").exists()
