@@ -127,7 +127,7 @@ def restore(archive: Path, stages: Path, log=print) -> list[str]:
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(d, aside)
         stages.mkdir(parents=True, exist_ok=True)
-        if _copy_atomically(a, sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file()), d):
+        if copy_folder_once(a, d):
             done.append(a.name)
     if done:
         log(f"restored {len(done)} finished stages from {archive}")
