@@ -426,6 +426,8 @@ def test_decoder_only_steps_keep_encoder_and_codebooks_and_train_the_decoder(tmp
     assert any(not torch.equal(w[2][n], w[3][n]) for n in w[3] if n.startswith("quantizer"))  # before: they moved
     rows = read_jsonl(a / "metrics.jsonl")
     assert not any("q/refit_reseeded" in r for r in rows)
+    # steps 1-3 count codes; decoder-only steps 4-5 count none, so they report no usage (not a false 0.0)
+    assert [r["step"] for r in rows if "q/usage" in r] == [1, 2, 3] and rows[2]["q/usage"] > 0
     assert [r["loss"] for r in rows] == [r["loss"] for r in read_jsonl(b / "metrics.jsonl")]
     wb = load_tensors(b / "checkpoints" / "step_00000005", "model")
     assert all(torch.equal(w[5][n], wb[n]) for n in w[5])
