@@ -387,8 +387,9 @@ def train(cfg: TokenizerTrainConfig, out_dir: str | Path) -> dict:
                        "psnr": psnr_from_mse(float(parts["l2"].detach())), "grad_norm": float(gnorm),
                        "lr": tc.lr * lr_mult,
                        "step_time": t_window / n_window, "gan": bool(gan_on)}
-                if not decoder_only:   # the quantizer counts nothing in eval mode: no usage to report
-                    row.update({f"q/{k}": float(v) for k, v in q.stats().items()})
+                qstats = q.stats()
+                if qstats["count"] > 0:   # none counted (decoder-only steps run it in eval mode): no usage to report
+                    row.update({f"q/{k}": float(v) for k, v in qstats.items()})
                 row.update({f"q/{k}": float(v) for k, v in qinfo.items()})
                 q.reset_stats()
                 if eval_now and rank == 0:
