@@ -129,6 +129,15 @@ def _finite(x) -> float | None:
     return float(x) if x is not None and isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
+def scheduled_checkpoints(ckpt_dir: Path, every: int) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints on the quality schedule: every ``every`` steps and the final one.
+    A run stopped and resumed also keeps the checkpoint it saved to resume from; scoring that one would add a
+    curve point that exists only because (and in the seeds where) the run was interrupted."""
+    cks = sorted((int(ck.name.split("_")[1]), ck) for ck in ckpt_dir.glob("step_*"))
+    final = cks[-1][0] if cks else None
+    return [(s, ck) for s, ck in cks if s == final or (every > 0 and s % every == 0)]
+
+
 def _mean_std(xs: list) -> tuple[float | None, float | None]:
     v = [float(x) for x in xs if _finite(x) is not None]
     if not v:
@@ -310,8 +319,7 @@ class Comparison:
                 ar_dir, ar_res, h3 = self.ar(spec, tok, seed)
                 val = {r["step"]: r["val_loss"] for r in read_jsonl(Path(ar_dir) / "metrics.jsonl") if "val_loss" in r}
                 points, sample_dirs = [], []
-                for ck in sorted((Path(ar_dir) / "checkpoints").glob("step_*")):
-                    step = int(ck.name.split("_")[1])
+                for step, ck in scheduled_checkpoints(Path(ar_dir) / "checkpoints", self.cfg.quality.every):
                     ev = self.quality_at(ck, h3, step)
                     vl = val.get(step)
                     points.append({"step": step, "fid": ev["fid"], "is": ev["is"], "class_acc": ev.get("class_acc"),

@@ -95,6 +95,14 @@ def test_tiny_comparison_end_to_end_and_cached_rerun(tmp_path, monkeypatch):
     res2 = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
     assert sorted(p.name for p in (out / "stages").iterdir()) == before
     assert [c["fid"] for r in res2["rows"] for c in r["curve"]] == [c["fid"] for r in res["rows"] for c in r["curve"]]
+    # a run stopped at step 15 and resumed keeps its resume checkpoint: off the quality schedule, never scored
+    resume = ar_dirs[0] / "checkpoints" / "step_00000015"
+    shutil.copytree(ar_dirs[0] / "checkpoints" / "step_00000010", resume)
+    res_resumed = main(["--config", CONFIG, *tiny_overrides(out, tmp_path / "cache")])
+    assert [[c["step"] for c in r["curve"]] for r in res_resumed["rows"]] == [[10, 20], [10, 20]]
+    assert [c["n_seeds"] for r in res_resumed["rows"] for c in r["curve"]] == [2, 2, 2, 2]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == before           # nothing sampled at step 15
+    shutil.rmtree(resume)
     # a redo of compare's own stats stage: recomputed once, re-archived, and what it replaced removed at the end
     stats = sorted((out / "stages").glob("2_stats-*"))
     first = [(d / "DONE.json").read_bytes() for d in stats]
